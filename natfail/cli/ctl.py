@@ -1,0 +1,67 @@
+"""`natfailctl`: the operator's tool.
+
+It must start fast: no scapy, no daemon, no asyncio at import time. Heavy
+modules are imported inside the command that needs them."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from natfail import exitcodes
+from natfail.cli.common import ArgumentParser, UsageError, guarded
+
+PROG = "natfailctl"
+
+
+def _build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Control and inspect natfail.")
+    parser.add_argument(
+        "-c", "--config", type=Path, default=None,
+        help="config file (default /etc/natfail/natfail.toml)",
+    )
+    parser.add_argument("--socket", type=Path, default=None, help="daemon control socket")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = sub.add_parser("check-config", help="validate a config file without a daemon")
+    check.add_argument("file", nargs="?", type=Path, default=None)
+
+    return parser
+
+
+def _check_config(config_opt: Path | None, file: Path | None) -> int:
+    from natfail import config as cfg
+
+    path = file or config_opt or cfg.DEFAULT_PATH
+    try:
+        conf = cfg.load(path)
+    except cfg.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    problems = cfg.check_files(conf)
+    if problems:
+        for line in problems:
+            sys.stderr.write(f"{PROG}: {line}\n")
+        return exitcodes.USAGE
+    backends = sum(len(s.backends) for s in conf.services)
+    names = ", ".join(s.name for s in conf.services)
+    print(
+        f"{path}: ok: {len(conf.services)} service(s) ({names}), {backends} backend(s), "
+        f"firewall {conf.daemon.firewall}"
+    )
+    return exitcodes.OK
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.config, args.file)
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return guarded(PROG, lambda: run(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

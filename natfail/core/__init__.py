@@ -1,0 +1,1 @@
+"""The pure core: decisions over values, no I/O; time is always a parameter."""

@@ -1,0 +1,1 @@
+"""The edges: every I/O boundary sits behind a small typing.Protocol."""
