@@ -27,6 +27,21 @@ def _build_parser() -> ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file without a daemon")
     check.add_argument("file", nargs="?", type=Path, default=None)
 
+    probe = sub.add_parser("probe", help="one WireGuard handshake probe, without a daemon")
+    probe.add_argument("target", metavar="HOST:PORT", help="IPv4:port or [IPv6]:port")
+    probe.add_argument("--server-key", required=True, help="the server's public key (base64)")
+    probe.add_argument("--probe-key-file", type=Path, default=None,
+                       help="probe private key (default: probe.private_key_file of the config)")
+    probe.add_argument("--psk-file", type=Path, default=None,
+                       help="preshared key of the probe peer")
+    probe.add_argument("--count", type=int, default=1, help="attempts (default 1)")
+    probe.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt (default 1)")
+    probe.add_argument("--interval", type=float, default=1.0,
+                       help="seconds between attempts (default 1)")
+
+    peer = sub.add_parser("probe-peer", help="print the probe's [Peer] block for the backends")
+    peer.add_argument("--generate", action="store_true",
+                      help="create a missing probe key file (mode 0600)")
     return parser
 
 
@@ -56,6 +71,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.config, args.file)
+    if args.command in ("probe", "probe-peer"):
+        from natfail.cli import probe_cmds
+
+        return probe_cmds.probe(args) if args.command == "probe" else probe_cmds.probe_peer(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 

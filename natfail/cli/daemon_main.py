@@ -43,7 +43,9 @@ def _run_daemon(config_path: Path | None) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "demo":
-        raise Refused("demo: not built yet")
+        from natfail import demo
+
+        return demo.run()
     return _run_daemon(args.config)
 
 

@@ -1,0 +1,155 @@
+"""`natfailctl probe` and `natfailctl probe-peer`: they work without a daemon.
+
+Imported only when one of them runs, so the rest of natfailctl stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import socket
+from pathlib import Path
+
+from natfail import config as cfg
+from natfail import exitcodes
+from natfail.cli.common import Refused, UsageError
+from natfail.core import noise
+
+
+def _config_or_none(path: Path | None) -> cfg.Config | None:
+    """The config when one is given or the default exists; a bad one given
+    explicitly is an error, a missing default is not."""
+    if path is not None:
+        try:
+            return cfg.load(path)
+        except cfg.ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    if not cfg.DEFAULT_PATH.exists():
+        return None
+    try:
+        return cfg.load(cfg.DEFAULT_PATH)
+    except cfg.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _key_from_file(path: Path, what: str) -> bytes:
+    try:
+        return cfg.load_key_file(path)
+    except cfg.KeyFileError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+def _timestamp_path(conf: cfg.Config | None) -> Path | None:
+    state_dir = conf.daemon.state_dir if conf else cfg.DEFAULT_DAEMON.state_dir
+    if os.access(state_dir, os.W_OK):
+        return state_dir / "probe-timestamp"
+    return None
+
+
+def probe(args: argparse.Namespace) -> int:
+    from natfail.io.probe_transport import UdpProbeTransport
+    from natfail.io.timestamps import TimestampClock
+
+    try:
+        target = cfg.Endpoint.parse(args.target)
+    except ValueError as exc:
+        raise UsageError(f"probe: {args.target!r}: {exc}") from None
+    try:
+        server_key = cfg.decode_key(args.server_key)
+    except ValueError as exc:
+        raise UsageError(f"probe: --server-key {exc}") from None
+    if args.count < 1:
+        raise UsageError("probe: --count must be at least 1")
+    if not args.timeout > 0:
+        raise UsageError("probe: --timeout must be greater than 0")
+    conf = _config_or_none(args.config)
+    key_file = args.probe_key_file or (
+        conf.probe.private_key_file if conf else cfg.DEFAULT_PROBE.private_key_file
+    )
+    private = _key_from_file(key_file, "probe key")
+    psk = _key_from_file(args.psk_file, "preshared key") if args.psk_file else bytes(32)
+    try:
+        keys = noise.Keys(private, server_key, psk)
+    except ValueError as exc:
+        raise UsageError(f"probe: --server-key: {exc}") from None
+
+    transport = UdpProbeTransport(TimestampClock(_timestamp_path(conf)))
+
+    async def attempts() -> bool:
+        up = False
+        for attempt in range(args.count):
+            if attempt:
+                await asyncio.sleep(args.interval)
+            result = await transport.probe(keys, target, args.timeout)
+            up = result.up
+            if result.up:
+                line = f"{target}: up, rtt {result.rtt_ms:.2f} ms"
+                if result.reason != "ok":
+                    line += f" ({result.reason})"
+            else:
+                line = f"{target}: down, {result.reason}"
+                if result.detail:
+                    line += f" ({result.detail})"
+            if result.invalid_replies:
+                line += f", {result.invalid_replies} invalid repl"
+                line += "y" if result.invalid_replies == 1 else "ies"
+            print(line, flush=True)
+        return up
+
+    return exitcodes.OK if asyncio.run(attempts()) else exitcodes.FAILED
+
+
+def _generate_key_file(path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    raw = X25519PrivateKey.generate().private_bytes_raw()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise Refused(f"probe-peer: cannot create {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as out:
+        out.write(base64.b64encode(raw).decode() + "\n")
+
+
+def probe_peer(args: argparse.Namespace) -> int:
+    conf = _config_or_none(args.config)
+    probe_settings = conf.probe if conf else cfg.DEFAULT_PROBE
+    key_files = [probe_settings.private_key_file]
+    if conf:
+        key_files += [s.probe.private_key_file for s in conf.services]
+    key_files = list(dict.fromkeys(key_files))
+    if args.generate:
+        for path in key_files:
+            _generate_key_file(path)
+    for index, path in enumerate(key_files):
+        if not path.exists():
+            raise Refused(f"probe-peer: {path} does not exist (create it with --generate)")
+        public = base64.b64encode(noise.public_key(_key_from_file(path, "probe key"))).decode()
+        if index:
+            print()
+        psk_files = sorted(
+            {
+                str(s.preshared_key_file)
+                for s in (conf.services if conf else ())
+                if s.probe.private_key_file == path and s.preshared_key_file
+            }
+        )
+        print(f"# natfail probe key of {socket.gethostname()} ({path})")
+        print(f"# public key: {public}")
+        print("# Add this peer to every backend's WireGuard config. It needs no AllowedIPs:")
+        print("# the gateway only performs handshakes, it never sends data.")
+        print("[Peer]")
+        print(f"PublicKey = {public}")
+        for psk in psk_files:
+            print(f"PresharedKey = <the key in {psk}>")
+        print()
+        print("# or, at runtime on each backend (INTERFACE is its WireGuard interface):")
+        line = f"wg set INTERFACE peer {public}"
+        if psk_files:
+            line += " preshared-key /path/to/that/psk-file"
+        print(line)
+    return exitcodes.OK

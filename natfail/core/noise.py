@@ -1,0 +1,571 @@
+"""The WireGuard Noise_IKpsk2 initiator over bytes (whitepaper section 5.4).
+
+natfail's probe: build a handshake initiation for the service's
+``server_public_key``, then consume what the backend sends back. A backend is
+up only if its handshake response decrypts, which proves the WireGuard
+process there holds the server's private key. A cookie reply (the backend is
+under load) yields a cookie that the next initiation uses for mac2.
+
+Pure: no sockets, no clock, no randomness, no file I/O. Time (``now``, any
+monotonic seconds) and randomness (ephemeral key, sender index) are
+parameters; ``new_initiation`` is the one convenience that draws randomness
+from the OS. Peer misbehaviour is a value (``Ignored``), never an exception:
+``consume``/``consume_response``/``consume_cookie_reply`` never raise on any
+datagram content. Caller mistakes (a 13-byte timestamp, a sender index over
+32 bits) raise ``ValueError``.
+
+Byte layout and scapy. The layout is that of ``scapy.contrib.wireguard``
+(``Wireguard`` header, then ``WireguardInitiation``, ``WireguardResponse``
+or ``WireguardCookieReply``): ``LAYOUTS`` below names every field by its
+scapy field name, with offset and size, and ``verify_scapy_layout()`` checks
+that table against scapy field by field (dissect and build). The unit tests
+run it, check that scapy dissects our packets into the right field values,
+and feed scapy-built packets to ``consume``. The hot path itself does not use
+scapy: it slices and concatenates bytes at the offsets of that table. Why:
+the probe has a CPU budget of 150 us for build + consume, and on the
+reference machine (2-core AMD EPYC VM, Python 3.11, scapy 2.8) scapy takes
+about 110 us to build one initiation and about 33 us to dissect one response
+-- most of the budget before any cryptography, which itself needs about
+130 us (four X25519 operations at ~32 us). ``import scapy`` also costs about
+0.5 s, so it is imported lazily, only by ``to_scapy`` and
+``verify_scapy_layout``; ``import natfail.core.noise`` stays fast.
+
+Cost. Everything that depends only on the keys is computed once in ``Keys``:
+the initial chaining key and hash mixed with the server key, the three
+MAC/cookie keys, and the static-static DH (as wireguard-go's
+``precomputedStaticStatic``). A probe then costs one X25519 key generation
+and three X25519 exchanges, three ChaCha20-Poly1305 calls, 18 HMAC-BLAKE2s
+and a handful of BLAKE2s. HMAC-BLAKE2s is written out over ``hashlib``
+(pads by ``bytes.translate``) because ``hmac.new`` costs about 3 us per call
+here and ``hmac.digest(..., "blake2s")`` about 4. Measured by
+``bench/bench_probe.py`` on the reference machine: about 165 us per probe
+(build ~84 + consume ~80), of which X25519 alone is about 128 us; the 150 us
+target is missed by roughly 10 %, see bench/results/probe.json.
+
+Cookies. A backend under load answers with a cookie reply; the cookie is
+MAC(secret, source IP and port of the initiation), so a mac2 made with it is
+only valid on initiations sent from the same local address *and port*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from natfail.core import xchacha
+
+# --- constants (wireguard-go device/noise-protocol.go, cookie.go) -----------
+
+CONSTRUCTION: Final = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+IDENTIFIER: Final = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+LABEL_MAC1: Final = b"mac1----"
+LABEL_COOKIE: Final = b"cookie--"
+
+MESSAGE_INITIATION: Final = 1
+MESSAGE_RESPONSE: Final = 2
+MESSAGE_COOKIE_REPLY: Final = 3
+MESSAGE_TRANSPORT: Final = 4
+
+INITIATION_SIZE: Final = 148
+RESPONSE_SIZE: Final = 92
+COOKIE_REPLY_SIZE: Final = 64
+
+KEY_SIZE: Final = 32
+TIMESTAMP_SIZE: Final = 12
+MAC_SIZE: Final = 16
+COOKIE_SIZE: Final = 16
+AEAD_TAG_SIZE: Final = 16
+
+COOKIE_REFRESH_TIME: Final = 120.0
+"""A cookie is used for mac2 for this many seconds after its receipt."""
+
+# --- byte layout --------------------------------------------------------------
+#
+# (scapy layer, ((scapy field name, offset, size), ...)) per message type. The
+# first two rows are scapy's ``Wireguard`` header layer; integers are little
+# endian (XLEIntField) except the three reserved bytes, which must be zero.
+
+Field = tuple[str, int, int]
+LAYOUTS: Final[dict[int, tuple[str, tuple[Field, ...]]]] = {
+    MESSAGE_INITIATION: (
+        "WireguardInitiation",
+        (
+            ("message_type", 0, 1),
+            ("reserved_zero", 1, 3),
+            ("sender_index", 4, 4),
+            ("unencrypted_ephemeral", 8, 32),
+            ("encrypted_static", 40, 48),
+            ("encrypted_timestamp", 88, 28),
+            ("mac1", 116, 16),
+            ("mac2", 132, 16),
+        ),
+    ),
+    MESSAGE_RESPONSE: (
+        "WireguardResponse",
+        (
+            ("message_type", 0, 1),
+            ("reserved_zero", 1, 3),
+            ("sender_index", 4, 4),
+            ("receiver_index", 8, 4),
+            ("unencrypted_ephemeral", 12, 32),
+            ("encrypted_nothing", 44, 16),
+            ("mac1", 60, 16),
+            ("mac2", 76, 16),
+        ),
+    ),
+    MESSAGE_COOKIE_REPLY: (
+        "WireguardCookieReply",
+        (
+            ("message_type", 0, 1),
+            ("reserved_zero", 1, 3),
+            ("receiver_index", 4, 4),
+            ("nonce", 8, 24),
+            ("encrypted_cookie", 32, 32),
+        ),
+    ),
+}
+MESSAGE_SIZES: Final = {
+    MESSAGE_INITIATION: INITIATION_SIZE,
+    MESSAGE_RESPONSE: RESPONSE_SIZE,
+    MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE,
+}
+
+# Offsets the hot path uses; tests check them against LAYOUTS.
+INIT_MAC1: Final = 116  # initiation: mac1 covers [0:116], mac2 covers [0:132]
+INIT_MAC2: Final = 132
+RESP_SENDER: Final = 4
+RESP_RECEIVER: Final = 8
+RESP_EPHEMERAL: Final = 12
+RESP_EMPTY: Final = 44
+RESP_MAC1: Final = 60
+COOKIE_RECEIVER: Final = 4
+COOKIE_NONCE: Final = 8
+COOKIE_ENCRYPTED: Final = 32
+
+_HEADER_INITIATION: Final = bytes((MESSAGE_INITIATION, 0, 0, 0))
+_HEADER_RESPONSE: Final = bytes((MESSAGE_RESPONSE, 0, 0, 0))
+_HEADER_COOKIE_REPLY: Final = bytes((MESSAGE_COOKIE_REPLY, 0, 0, 0))
+
+_ZERO_NONCE: Final = bytes(12)
+_ZERO_MAC: Final = bytes(MAC_SIZE)
+_ZERO_KEY: Final = bytes(KEY_SIZE)
+
+# --- primitives ---------------------------------------------------------------
+
+_blake2s = hashlib.blake2s
+_IPAD: Final = bytes(x ^ 0x36 for x in range(256))
+_OPAD: Final = bytes(x ^ 0x5C for x in range(256))
+
+
+def hash_(data: bytes) -> bytes:
+    """HASH: BLAKE2s-256."""
+    return _blake2s(data).digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """MAC: keyed BLAKE2s with a 16-byte digest."""
+    return _blake2s(data, digest_size=MAC_SIZE, key=key).digest()
+
+
+def hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2s (RFC 2104, 64-byte block) for keys of at most 64 bytes."""
+    block = key + bytes(64 - len(key))
+    inner = _blake2s(block.translate(_IPAD) + data).digest()
+    return _blake2s(block.translate(_OPAD) + inner).digest()
+
+
+def _pads(key32: bytes) -> tuple[bytes, bytes]:
+    block = key32 + _ZERO_KEY
+    return block.translate(_IPAD), block.translate(_OPAD)
+
+
+def kdf1(key: bytes, data: bytes) -> bytes:
+    """KDF1 of the whitepaper (HKDF with HMAC-BLAKE2s), 32-byte keys."""
+    ipad, opad = _pads(key)
+    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
+    ipad, opad = _pads(t0)
+    return _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
+
+
+def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """KDF2 of the whitepaper."""
+    ipad, opad = _pads(key)
+    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
+    ipad, opad = _pads(t0)
+    t1 = _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
+    t2 = _blake2s(opad + _blake2s(ipad + t1 + b"\x02").digest()).digest()
+    return t1, t2
+
+
+def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """KDF3 of the whitepaper."""
+    ipad, opad = _pads(key)
+    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
+    ipad, opad = _pads(t0)
+    t1 = _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
+    t2 = _blake2s(opad + _blake2s(ipad + t1 + b"\x02").digest()).digest()
+    t3 = _blake2s(opad + _blake2s(ipad + t2 + b"\x03").digest()).digest()
+    return t1, t2, t3
+
+
+def public_key(private_key: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (clamped as X25519 does)."""
+    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+
+
+# --- values -------------------------------------------------------------------
+
+
+def _check_len(name: str, value: bytes, size: int) -> None:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The probe's identity towards one service.
+
+    ``private_key`` is the probe's static X25519 key, ``server_public_key``
+    the service's (shared by all its backends), ``preshared_key`` the PSK of
+    the probe peer (32 zero bytes when none, as in WireGuard). Raises
+    ``ValueError`` on wrong sizes or when the static-static DH is all zeros
+    (a low-order server key), which wireguard-go refuses as well.
+    """
+
+    private_key: bytes = field(repr=False)
+    server_public_key: bytes
+    preshared_key: bytes = field(default=_ZERO_KEY, repr=False)
+    public_key: bytes = field(init=False)
+    # Derived once; the hot path reads these.
+    _static: X25519PrivateKey = field(init=False, repr=False, compare=False)
+    _server: X25519PublicKey = field(init=False, repr=False, compare=False)
+    _static_static: bytes = field(init=False, repr=False, compare=False)
+    _chaining_key: bytes = field(init=False, repr=False, compare=False)
+    _hash: bytes = field(init=False, repr=False, compare=False)
+    _mac1_key_out: bytes = field(init=False, repr=False, compare=False)
+    _mac1_key_in: bytes = field(init=False, repr=False, compare=False)
+    _cookie_key: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_len("private_key", self.private_key, KEY_SIZE)
+        _check_len("server_public_key", self.server_public_key, KEY_SIZE)
+        _check_len("preshared_key", self.preshared_key, KEY_SIZE)
+        static = X25519PrivateKey.from_private_bytes(self.private_key)
+        server = X25519PublicKey.from_public_bytes(self.server_public_key)
+        own_public = static.public_key().public_bytes_raw()
+        try:
+            static_static = static.exchange(server)
+        except ValueError:
+            raise ValueError("server_public_key is a low-order point") from None
+        if static_static == _ZERO_KEY:  # pragma: no cover - OpenSSL refuses first
+            raise ValueError("server_public_key is a low-order point")
+        chaining_key = hash_(CONSTRUCTION)
+        setattr_ = object.__setattr__
+        setattr_(self, "public_key", own_public)
+        setattr_(self, "_static", static)
+        setattr_(self, "_server", server)
+        setattr_(self, "_static_static", static_static)
+        setattr_(self, "_chaining_key", chaining_key)
+        setattr_(
+            self,
+            "_hash",
+            hash_(hash_(chaining_key + IDENTIFIER) + self.server_public_key),
+        )
+        # mac1 of what we send is keyed by the server's public key; mac1 of
+        # what the server sends us, by ours.
+        setattr_(self, "_mac1_key_out", hash_(LABEL_MAC1 + self.server_public_key))
+        setattr_(self, "_mac1_key_in", hash_(LABEL_MAC1 + own_public))
+        setattr_(self, "_cookie_key", hash_(LABEL_COOKIE + self.server_public_key))
+
+
+@dataclass(frozen=True, slots=True)
+class Cookie:
+    """A cookie from a cookie reply, and when it arrived (monotonic seconds)."""
+
+    value: bytes = field(repr=False)
+    received_at: float
+
+    def __post_init__(self) -> None:
+        _check_len("cookie", self.value, COOKIE_SIZE)
+
+    def fresh(self, now: float) -> bool:
+        """Usable for mac2: at most ``COOKIE_REFRESH_TIME`` seconds old."""
+        return 0.0 <= now - self.received_at <= COOKIE_REFRESH_TIME
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """Initiator state after sending an initiation, needed to consume replies."""
+
+    sender_index: int
+    chaining_key: bytes = field(repr=False)
+    hash: bytes = field(repr=False)
+    ephemeral: X25519PrivateKey = field(repr=False, compare=False)
+    ephemeral_public: bytes
+    mac1: bytes
+    """The mac1 we sent: the AAD of a cookie reply to this initiation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A handshake response that verified and decrypted: the backend is up."""
+
+    peer_index: int
+    """The responder's sender index."""
+
+
+@dataclass(frozen=True, slots=True)
+class CookieReceived:
+    """A valid cookie reply: the backend is alive but under load."""
+
+    cookie: Cookie
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """Anything else; counts as no reply. ``reason`` is a short stable word."""
+
+    reason: str
+
+
+Result = Accepted | CookieReceived | Ignored
+Datagram = bytes | bytearray | memoryview
+
+# Reasons, stable for logs and metrics.
+IGNORED_SIZE: Final = "size"
+IGNORED_TYPE: Final = "type"
+IGNORED_INDEX: Final = "index"
+IGNORED_MAC1: Final = "mac1"
+IGNORED_DECRYPT: Final = "decrypt"
+IGNORED_EPHEMERAL: Final = "ephemeral"
+
+_SIZE = Ignored(IGNORED_SIZE)
+_TYPE = Ignored(IGNORED_TYPE)
+_INDEX = Ignored(IGNORED_INDEX)
+_MAC1 = Ignored(IGNORED_MAC1)
+_DECRYPT = Ignored(IGNORED_DECRYPT)
+_EPHEMERAL = Ignored(IGNORED_EPHEMERAL)
+
+
+# --- the initiator ------------------------------------------------------------
+
+
+def build_initiation(
+    keys: Keys,
+    *,
+    sender_index: int,
+    timestamp: bytes,
+    ephemeral_private: bytes,
+    cookie: Cookie | None = None,
+    now: float | None = None,
+) -> tuple[bytes, Handshake]:
+    """The 148-byte handshake initiation and the state to consume its reply.
+
+    ``timestamp`` is a 12-byte TAI64N stamp (``tai64n.next_timestamp``),
+    ``ephemeral_private`` 32 random bytes, ``sender_index`` a random 32-bit
+    index. mac2 is ``MAC(cookie, msg[:132])`` when ``cookie`` is given and
+    fresh at ``now`` (required with a cookie), else zeros.
+    """
+    if not 0 <= sender_index <= 0xFFFFFFFF:
+        raise ValueError("sender_index must fit in 32 bits")
+    _check_len("timestamp", timestamp, TIMESTAMP_SIZE)
+    _check_len("ephemeral_private", ephemeral_private, KEY_SIZE)
+    if cookie is not None and now is None:
+        raise ValueError("now is required with a cookie")
+
+    ephemeral = X25519PrivateKey.from_private_bytes(ephemeral_private)
+    e_pub = ephemeral.public_key().public_bytes_raw()
+    # C = KDF1(C, E_pub); H = HASH(H || E_pub); (C, k) = KDF2(C, DH(E_priv, S_pub_r))
+    chaining_key = kdf1(keys._chaining_key, e_pub)
+    h = _blake2s(keys._hash + e_pub).digest()
+    chaining_key, key = kdf2(chaining_key, ephemeral.exchange(keys._server))
+    encrypted_static = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, keys.public_key, h)
+    h = _blake2s(h + encrypted_static).digest()
+    # (C, k) = KDF2(C, DH(S_priv_i, S_pub_r)), precomputed in Keys
+    chaining_key, key = kdf2(chaining_key, keys._static_static)
+    encrypted_timestamp = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, timestamp, h)
+    h = _blake2s(h + encrypted_timestamp).digest()
+
+    message = b"".join(
+        (
+            _HEADER_INITIATION,
+            sender_index.to_bytes(4, "little"),
+            e_pub,
+            encrypted_static,
+            encrypted_timestamp,
+        )
+    )
+    mac1 = _blake2s(message, digest_size=MAC_SIZE, key=keys._mac1_key_out).digest()
+    message += mac1
+    if cookie is not None and now is not None and cookie.fresh(now):
+        message += _blake2s(message, digest_size=MAC_SIZE, key=cookie.value).digest()
+    else:
+        message += _ZERO_MAC
+    return message, Handshake(sender_index, chaining_key, h, ephemeral, e_pub, mac1)
+
+
+def new_initiation(
+    keys: Keys,
+    *,
+    timestamp: bytes,
+    cookie: Cookie | None = None,
+    now: float | None = None,
+) -> tuple[bytes, Handshake]:
+    """``build_initiation`` with a fresh random ephemeral key and sender index."""
+    return build_initiation(
+        keys,
+        sender_index=secrets.randbits(32),
+        timestamp=timestamp,
+        ephemeral_private=os.urandom(KEY_SIZE),
+        cookie=cookie,
+        now=now,
+    )
+
+
+def consume_response(handshake: Handshake, keys: Keys, datagram: Datagram) -> Result:
+    """``Accepted`` iff ``datagram`` is the verified response to ``handshake``.
+
+    Checks, cheapest first: size 92, type 2 with zero reserved bytes,
+    receiver index == our sender index, mac1 keyed by HASH(LABEL_MAC1 ||
+    probe public key); then the DH/PSK mixing and the empty payload's AEAD.
+    mac2 is not checked (the initiator never asks for one). A handshake
+    should be consumed into ``Accepted`` once; drop it afterwards.
+    """
+    datagram = bytes(datagram)
+    if len(datagram) != RESPONSE_SIZE:
+        return _SIZE
+    if datagram[:4] != _HEADER_RESPONSE:
+        return _TYPE
+    if datagram[RESP_RECEIVER:RESP_EPHEMERAL] != handshake.sender_index.to_bytes(4, "little"):
+        return _INDEX
+    expected_mac1 = _blake2s(
+        datagram[:RESP_MAC1], digest_size=MAC_SIZE, key=keys._mac1_key_in
+    ).digest()
+    if not secrets.compare_digest(expected_mac1, datagram[RESP_MAC1 : RESP_MAC1 + MAC_SIZE]):
+        return _MAC1
+
+    e_pub_r = datagram[RESP_EPHEMERAL:RESP_EMPTY]
+    # C = KDF1(C, E_pub_r); H = HASH(H || E_pub_r)
+    chaining_key = kdf1(handshake.chaining_key, e_pub_r)
+    h = _blake2s(handshake.hash + e_pub_r).digest()
+    try:
+        peer_ephemeral = X25519PublicKey.from_public_bytes(e_pub_r)
+        # C = KDF1(C, DH(E_priv_i, E_pub_r)); C = KDF1(C, DH(S_priv_i, E_pub_r))
+        chaining_key = kdf1(chaining_key, handshake.ephemeral.exchange(peer_ephemeral))
+        chaining_key = kdf1(chaining_key, keys._static.exchange(peer_ephemeral))
+    except ValueError:  # all-zero shared secret: a low-order ephemeral
+        return _EPHEMERAL
+    # (C, tau, k) = KDF3(C, Q); H = HASH(H || tau); empty = AEAD(k, 0, e, H)
+    _, tau, key = kdf3(chaining_key, keys.preshared_key)
+    h = _blake2s(h + tau).digest()
+    try:
+        ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, datagram[RESP_EMPTY:RESP_MAC1], h)
+    except InvalidTag:
+        return _DECRYPT
+    return Accepted(int.from_bytes(datagram[RESP_SENDER:RESP_RECEIVER], "little"))
+
+
+def consume_cookie_reply(
+    handshake: Handshake, keys: Keys, datagram: Datagram, now: float
+) -> Result:
+    """``CookieReceived`` iff ``datagram`` is a valid cookie reply to ``handshake``.
+
+    Size 64, type 3 with zero reserved bytes, receiver index == our sender
+    index, and the cookie opens with XChaCha20-Poly1305 under
+    HASH(LABEL_COOKIE || server public key), the packet's nonce, and the
+    mac1 we sent as AAD. The cookie's receipt time is ``now``.
+    """
+    datagram = bytes(datagram)
+    if len(datagram) != COOKIE_REPLY_SIZE:
+        return _SIZE
+    if datagram[:4] != _HEADER_COOKIE_REPLY:
+        return _TYPE
+    if datagram[COOKIE_RECEIVER:COOKIE_NONCE] != handshake.sender_index.to_bytes(4, "little"):
+        return _INDEX
+    try:
+        value = xchacha.open_(
+            keys._cookie_key,
+            datagram[COOKIE_NONCE:COOKIE_ENCRYPTED],
+            datagram[COOKIE_ENCRYPTED:],
+            handshake.mac1,
+        )
+    except InvalidTag:
+        return _DECRYPT
+    return CookieReceived(Cookie(value, now))
+
+
+def consume(handshake: Handshake, keys: Keys, datagram: Datagram, now: float) -> Result:
+    """Dispatch on the message type: a response or a cookie reply; else ``Ignored``."""
+    datagram = bytes(datagram)
+    if len(datagram) == RESPONSE_SIZE:
+        return consume_response(handshake, keys, datagram)
+    if len(datagram) == COOKIE_REPLY_SIZE:
+        return consume_cookie_reply(handshake, keys, datagram, now)
+    if datagram[:4] in (_HEADER_RESPONSE, _HEADER_COOKIE_REPLY):
+        return _SIZE
+    return _TYPE
+
+
+# --- scapy, off the hot path --------------------------------------------------
+
+
+def to_scapy(datagram: Datagram) -> Any:
+    """The datagram dissected by scapy's ``Wireguard`` layer (for debugging)."""
+    from scapy.contrib.wireguard import Wireguard
+
+    return Wireguard(bytes(datagram))
+
+
+def verify_scapy_layout() -> None:
+    """Check ``LAYOUTS`` against ``scapy.contrib.wireguard``; raise ``AssertionError``.
+
+    For each message type: a datagram whose every byte differs from its
+    neighbours must dissect into exactly the fields of ``LAYOUTS`` (names,
+    order, values at our offsets, nothing left over), and scapy must build
+    the same bytes back from those field values.
+    """
+    from scapy.contrib import wireguard as wg
+    from scapy.packet import Raw
+
+    for message_type, (layer_name, fields) in LAYOUTS.items():
+        layer = getattr(wg, layer_name)
+        size = MESSAGE_SIZES[message_type]
+        end = fields[-1][1] + fields[-1][2]
+        if end != size:
+            raise AssertionError(f"{layer_name}: fields end at {end}, message is {size}")
+        for (_, offset, length), (_, next_offset, _) in itertools.pairwise(fields):
+            if offset + length != next_offset:
+                raise AssertionError(f"{layer_name}: gap or overlap at {offset}")
+        names = [f.name for f in wg.Wireguard.fields_desc] + [f.name for f in layer.fields_desc]
+        if names != [name for name, _, _ in fields]:
+            raise AssertionError(f"{layer_name}: scapy fields {names}")
+        sample = bytes([message_type]) + bytes((7 * i + 3) % 251 for i in range(1, size))
+        packet = wg.Wireguard(sample)
+        if not isinstance(packet.payload, layer) or Raw in packet:
+            raise AssertionError(f"{layer_name}: scapy dissects {packet.summary()}")
+        values: dict[str, Any] = {}
+        for name, offset, length in fields:
+            chunk = sample[offset : offset + length]
+            got = packet.getfieldval(name)
+            if name == "reserved_zero":
+                want: Any = int.from_bytes(chunk, "big")
+            elif length == 1:
+                want = chunk[0]
+            elif name.endswith("_index"):
+                want = int.from_bytes(chunk, "little")
+            else:
+                want = chunk
+            if got != want:
+                raise AssertionError(f"{layer_name}.{name}: scapy {got!r}, ours {want!r}")
+            values[name] = want
+        header = {k: values.pop(k) for k in ("message_type", "reserved_zero")}
+        if bytes(wg.Wireguard(**header) / layer(**values)) != sample:
+            raise AssertionError(f"{layer_name}: scapy builds different bytes")

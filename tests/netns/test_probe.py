@@ -1,0 +1,154 @@
+"""The probe against real wireguard-go, through `natfailctl probe` as an
+operator runs it on the gateway: up only when the real WireGuard process with
+the right key answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from natfail.lab import Lab, genkey, pubkey
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def backends_up(lab: Lab) -> Iterator[Lab]:
+    for backend in lab.backends:
+        if not backend.running:
+            backend.start()
+    yield lab
+
+
+def natfailctl_probe(
+    lab: Lab, target: str, *, server_key: str | None = None, count: int = 1,
+    timeout: float = 1.0, state_dir: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable, "-m", "natfail.cli.ctl", "--config", str(lab.dir / "none.toml"),
+        "probe", target,
+        "--server-key", server_key or lab.server_key.public_b64,
+        "--probe-key-file", str(lab.probe_key.file),
+        "--count", str(count), "--timeout", str(timeout), "--interval", "0.05",
+    ]
+    if lab.psk_file is not None:
+        argv += ["--psk-file", str(lab.psk_file)]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    return lab.exec(lab.gateway, argv, check=False, timeout=30, env=env)
+
+
+@pytest.fixture(autouse=True)
+def _no_config(lab: Lab) -> None:
+    # natfailctl reads the probe key and state dir from a config; this test
+    # passes them explicitly and points --config at a minimal valid file.
+    conf = lab.dir / "none.toml"
+    conf.write_text(
+        f"[daemon]\nstate_dir = \"{lab.dir / 'state'}\"\n"
+        f"[[service]]\nname = \"x\"\npublic = \"203.0.113.10:51820\"\n"
+        f"server_public_key = \"{lab.server_key.public_b64}\"\n"
+        f"[[service.backend]]\nname = \"a\"\naddress = \"10.0.0.2:51820\"\npriority = 1\n"
+    )
+    (lab.dir / "state").mkdir(exist_ok=True)
+
+
+def test_live_backend_is_up(backends_up: Lab) -> None:
+    lab = backends_up
+    for backend in lab.backends:
+        proc = natfailctl_probe(lab, backend.address)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"{backend.address}: up, rtt "), proc.stdout
+        # the real WireGuard received the initiation and sent its response
+        probe_peer = lab.backend_show(backend).peers[lab.probe_key.public_b64]
+        assert probe_peer.rx >= 148 and probe_peer.tx >= 92
+
+
+def test_live_backend_over_ipv6_is_up(backends_up: Lab) -> None:
+    backend = backends_up.backends[0]
+    assert backend.address_v6 is not None
+    proc = natfailctl_probe(backends_up, backend.address_v6)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ": up, rtt " in proc.stdout
+
+
+def test_wrong_server_key_is_down(backends_up: Lab) -> None:
+    proc = natfailctl_probe(
+        backends_up, backends_up.backends[0].address, server_key=pubkey(genkey()), timeout=0.5
+    )
+    assert proc.returncode == 1
+    assert ": down, timeout" in proc.stdout, proc.stdout
+
+
+def test_port_with_nothing_behind_it_is_down(backends_up: Lab) -> None:
+    proc = natfailctl_probe(backends_up, "10.0.0.2:51999", timeout=0.5)
+    assert proc.returncode == 1
+    assert ": down, port-unreachable" in proc.stdout, proc.stdout
+
+
+def test_address_with_no_host_is_down(backends_up: Lab) -> None:
+    proc = natfailctl_probe(backends_up, "10.0.0.250:51820", timeout=0.5)
+    assert proc.returncode == 1
+    assert ": down, " in proc.stdout, proc.stdout
+
+
+def test_killed_process_is_down_and_restart_is_up(backends_up: Lab) -> None:
+    lab = backends_up
+    backend = lab.backends[1]
+    backend.stop()
+    proc = natfailctl_probe(lab, backend.address, timeout=0.5)
+    assert proc.returncode == 1
+    assert ": down, port-unreachable" in proc.stdout, proc.stdout
+    backend.start()
+    assert natfailctl_probe(lab, backend.address).returncode == 0
+
+
+def test_paused_process_is_down_by_timeout(backends_up: Lab) -> None:
+    backend = backends_up.backends[1]
+    backend.pause()
+    try:
+        proc = natfailctl_probe(backends_up, backend.address, timeout=0.3)
+    finally:
+        backend.resume()
+    assert proc.returncode == 1
+    assert ": down, timeout" in proc.stdout, proc.stdout
+
+
+def test_forged_responses_are_down(backends_up: Lab) -> None:
+    lab = backends_up
+    backend = lab.backends[1]
+    backend.stop()
+    forger = lab.popen(
+        backend,
+        [sys.executable, "-m", "tests.netns.forger", backend.v4, str(backend.port),
+         lab.probe_key.public_b64],
+        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
+        proc = natfailctl_probe(lab, backend.address, count=2, timeout=0.5)
+    finally:
+        forger.kill()
+        forger.wait()
+        backend.start()
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert ": down, invalid-replies, 1 invalid reply" in line, proc.stdout
+
+
+def test_restarted_probe_is_still_answered(backends_up: Lab) -> None:
+    """Two processes right after each other with the same probe key: the
+    second one's timestamp must be newer, or WireGuard drops it silently."""
+    lab = backends_up
+    backend = lab.backends[0]
+    first = natfailctl_probe(lab, backend.address, count=3)
+    started = time.monotonic()
+    second = natfailctl_probe(lab, backend.address, count=3)
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
+    assert all(": up, " in line for line in (first.stdout + second.stdout).splitlines())
+    assert time.monotonic() - started < 10

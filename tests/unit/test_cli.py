@@ -1,0 +1,153 @@
+"""The programs' contract: exit codes, one-line errors, no tracebacks, and a
+natfailctl that starts without scapy or the daemon."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from natfail.cli import ctl, daemon_main
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "etc" / "natfail.toml"
+KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def run_ctl(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "natfail.cli.ctl", *argv],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def write_valid(tmp_path: Path, *, with_key: bool = True) -> Path:
+    key_file = tmp_path / "probe.key"
+    if with_key:
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+        key_file.chmod(0o600)
+    conf = tmp_path / "natfail.toml"
+    conf.write_text(
+        f"""
+[probe]
+private_key_file = "{key_file}"
+
+[[service]]
+name = "wg0"
+public = "203.0.113.10:51820"
+server_public_key = "{KEY}"
+
+[[service.backend]]
+name = "a"
+address = "10.0.0.2:51820"
+priority = 100
+"""
+    )
+    return conf
+
+
+def test_check_config_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl.main(["check-config", str(write_valid(tmp_path))]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert len(out.out.splitlines()) == 1
+    assert "ok" in out.out and "wg0" in out.out
+
+
+def test_check_config_missing_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert ctl.main(["check-config", str(write_valid(tmp_path, with_key=False))]) == 2
+    err = capsys.readouterr().err
+    assert "probe.key" in err and "private_key_file" in err
+
+
+def test_check_config_example_only_complains_about_the_probe_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = ctl.main(["check-config", str(EXAMPLE)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if code == 0:
+        assert err == []
+    else:
+        assert code == 2
+        assert err and all("private_key_file" in line for line in err), err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.toml"
+    assert ctl.main(["check-config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.splitlines()) == 1
+
+
+def test_check_config_uses_dash_c(tmp_path: Path) -> None:
+    assert ctl.main(["-c", str(write_valid(tmp_path)), "check-config"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["no-such-command"], ["check-config", "a", "b"], ["probe"], ["probe", "x:1"],
+     ["--bogus", "check-config"]],
+)
+def test_usage_errors_exit_2_in_one_line(argv: list[str]) -> None:
+    proc = run_ctl(*argv)
+    assert proc.returncode == 2, proc
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_daemon_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        daemon_main.main(["--nope"])
+    assert exc.value.code == 2
+
+
+def test_daemon_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nfirewal = 'nftables'\n")
+    assert daemon_main.main(["-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "firewal" in err and "firewall" in err and len(err.splitlines()) == 1
+
+
+def test_probe_bad_target_and_key(tmp_path: Path) -> None:
+    proc = run_ctl("probe", "example.com:51820", "--server-key", KEY)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run_ctl("probe", "10.0.0.2:51820", "--server-key", "short")
+    assert proc.returncode == 2 and "server-key" in proc.stderr
+    proc = run_ctl("probe", "10.0.0.2:51820", "--server-key", KEY,
+                   "--probe-key-file", str(tmp_path / "missing.key"))
+    assert proc.returncode == 2 and "missing.key" in proc.stderr
+
+
+def test_probe_peer_generate(tmp_path: Path) -> None:
+    conf = write_valid(tmp_path, with_key=False)
+    proc = run_ctl("-c", str(conf), "probe-peer")
+    assert proc.returncode == 1 and "--generate" in proc.stderr
+    proc = run_ctl("-c", str(conf), "probe-peer", "--generate")
+    assert proc.returncode == 0, proc.stderr
+    key_file = tmp_path / "probe.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert "[Peer]" in proc.stdout and "PublicKey = " in proc.stdout
+    private = key_file.read_text().strip()
+    assert private not in proc.stdout
+    # a second run keeps the key
+    again = run_ctl("-c", str(conf), "probe-peer", "--generate")
+    assert key_file.read_text().strip() == private
+    assert again.stdout == proc.stdout
+
+
+def test_natfailctl_imports_neither_scapy_nor_asyncio() -> None:
+    code = (
+        "import sys, natfail.cli.ctl as c\n"
+        "c._build_parser()\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('scapy', 'asyncio', 'pyroute2')"
+        " or m == 'natfail.daemon']\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip() == ""

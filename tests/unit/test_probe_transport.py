@@ -1,0 +1,205 @@
+"""The UDP probe transport against the test responder on loopback: real
+sockets, no namespaces. The real WireGuard process is tested in
+tests/netns/test_probe.py."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from natfail.config import Endpoint
+from natfail.core import noise
+from natfail.io import probe_transport as pt
+from natfail.io.timestamps import TimestampClock
+from tests.unit.wg_responder import Rejected, Responder
+
+Reply = Callable[[bytes, bytes], list[bytes]]
+
+
+def _source(addr: tuple[str | int, ...]) -> bytes:
+    """What WireGuard binds a cookie to: the sender's address and port."""
+    return socket.inet_aton(str(addr[0])) + int(addr[1]).to_bytes(2, "big")
+
+
+class _Server(asyncio.DatagramProtocol):
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.transport: asyncio.DatagramTransport | None = None
+        self.arrivals: list[float] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        self.arrivals.append(time.monotonic())
+        assert self.transport is not None
+        for out in self.reply(data, _source(addr)):
+            self.transport.sendto(out, addr)
+
+
+async def _serve(reply: Reply) -> tuple[asyncio.DatagramTransport, _Server, Endpoint]:
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(
+        lambda: _Server(reply), local_addr=("127.0.0.1", 0)
+    )
+    port = transport.get_extra_info("sockname")[1]
+    return transport, server, Endpoint(ipaddress.ip_address("127.0.0.1"), port)
+
+
+def _setup(tmp_path: Path) -> tuple[Responder, noise.Keys, pt.UdpProbeTransport]:
+    responder = Responder(os.urandom(32))
+    probe_private = os.urandom(32)
+    keys = noise.Keys(probe_private, responder.public_key)
+    responder.add_peer(keys.public_key)
+    transport = pt.UdpProbeTransport(TimestampClock(tmp_path / "ts"))
+    return responder, keys, transport
+
+
+def _answer(responder: Responder) -> Reply:
+    def reply(data: bytes, source: bytes) -> list[bytes]:
+        try:
+            return [responder.respond(data, source)]
+        except Rejected:
+            return []
+
+    return reply
+
+
+def test_live_responder_is_up(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        server, _, target = await _serve(_answer(responder))
+        try:
+            result = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert result.up and result.reason == pt.UP
+        assert result.rtt is not None and 0 < result.rtt < 2.0
+        assert result.invalid_replies == 0
+
+    asyncio.run(main())
+
+
+def test_nothing_listening_is_port_unreachable(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, keys, transport = _setup(tmp_path)
+        server, _, target = await _serve(lambda data, source: [])
+        server.close()  # the port is closed now: the kernel answers ICMP
+        await asyncio.sleep(0.01)
+        result = await transport.probe(keys, target, 2.0)
+        assert not result.up and result.reason == pt.UNREACHABLE
+
+    asyncio.run(main())
+
+
+def test_silence_is_timeout_and_garbage_is_invalid(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, keys, transport = _setup(tmp_path)
+        server, _, target = await _serve(lambda data, source: [])
+        garbage_server, _, garbage_target = await _serve(
+            lambda data, source: [b"\x02" + bytes(91), os.urandom(64), b"x"]
+        )
+        try:
+            silent = await transport.probe(keys, target, 0.2)
+            garbage = await transport.probe(keys, garbage_target, 0.2)
+        finally:
+            server.close()
+            garbage_server.close()
+        assert not silent.up and silent.reason == pt.TIMEOUT
+        assert not garbage.up and garbage.reason == pt.INVALID
+        assert garbage.invalid_replies == 3
+
+    asyncio.run(main())
+
+
+def test_forged_reply_before_the_real_one_is_counted_not_fatal(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        impostor = Responder(os.urandom(32))
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            forged = impostor.create_response(
+                impostor.consume_initiation(data, impostor=keys.public_key)
+            )
+            return [forged, responder.respond(data, source)]
+
+        server, _, target = await _serve(reply)
+        try:
+            result = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert result.up and result.invalid_replies == 1
+
+    asyncio.run(main())
+
+
+def test_cookie_reply_is_up_under_load_and_next_probe_carries_mac2(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        responder.under_load = True
+        server, _, target = await _serve(_answer(responder))
+        try:
+            first = await transport.probe(keys, target, 2.0)
+            second = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert first.up and first.reason == pt.UNDER_LOAD
+        # the responder only answers a full response when mac2 is valid
+        assert second.up and second.reason == pt.UP
+
+    asyncio.run(main())
+
+
+def test_initiations_to_one_backend_are_20ms_apart(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        server, state, target = await _serve(_answer(responder))
+        try:
+            results = await asyncio.gather(*(transport.probe(keys, target, 2.0) for _ in range(4)))
+        finally:
+            server.close()
+        assert all(r.up for r in results)
+        gaps = [b - a for a, b in zip(state.arrivals, state.arrivals[1:], strict=False)]
+        assert len(gaps) == 3 and min(gaps) >= pt.MIN_INITIATION_GAP * 0.9, gaps
+
+    asyncio.run(main())
+
+
+def test_restart_with_clock_stepped_back_is_still_accepted(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        server, _, target = await _serve(_answer(responder))
+        try:
+            assert (await transport.probe(keys, target, 2.0)).up
+            # a new process whose wall clock is an hour behind
+            behind = TimestampClock(tmp_path / "ts", wall_ns=lambda: time.time_ns() - 3600 * 10**9)
+            restarted = pt.UdpProbeTransport(behind)
+            assert (await restarted.probe(keys, target, 2.0)).up
+            # without the state file the responder drops it as a replay
+            forgetful = pt.UdpProbeTransport(
+                TimestampClock(None, wall_ns=lambda: time.time_ns() - 3600 * 10**9)
+            )
+            lost = await forgetful.probe(keys, target, 0.3)
+        finally:
+            server.close()
+        assert not lost.up and lost.reason == pt.TIMEOUT
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("content", [b"", b"short", bytes(13)])
+def test_corrupt_timestamp_file_starts_from_the_clock(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "ts"
+    path.write_bytes(content)
+    clock = TimestampClock(path)
+    first = clock.next()
+    assert clock.next() > first
+    assert path.read_bytes() == clock.last
