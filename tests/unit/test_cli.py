@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from natfail.cli import ctl, daemon_main
+from tests.unit import test_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "etc" / "natfail.toml"
@@ -151,3 +152,18 @@ def test_natfailctl_imports_neither_scapy_nor_asyncio() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("broken", test_config.BROKEN)
+def test_check_config_rejects_each_broken_config(
+    broken: test_config.Broken, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "natfail.toml"
+    path.write_text(broken.doc)
+    assert ctl.main(["check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"natfailctl: {path}: {broken.key}")
+    assert broken.fragment in lines[0]
