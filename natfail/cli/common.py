@@ -19,6 +19,10 @@ class Refused(Exception):
     """The operation was refused or failed (exit 1)."""
 
 
+class Unreachable(Exception):
+    """The daemon could not be reached (exit 3)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse already exits 2 on usage errors; this keeps its message to one
     line (no usage dump) so scripts and the journal get a single clear line."""
@@ -42,6 +46,8 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
         return fail(prog, str(exc), exitcodes.USAGE)
     except Refused as exc:
         return fail(prog, str(exc), exitcodes.FAILED)
+    except Unreachable as exc:
+        return fail(prog, str(exc), exitcodes.UNREACHABLE)
     except KeyboardInterrupt:
         return fail(prog, "interrupted", exitcodes.FAILED)
     except BrokenPipeError:

@@ -39,6 +39,21 @@ def _build_parser() -> ArgumentParser:
     probe.add_argument("--interval", type=float, default=1.0,
                        help="seconds between attempts (default 1)")
 
+    status = sub.add_parser("status", help="services, backends, health, RTT, active backend")
+    status.add_argument("--json", action="store_true", help="the JSON object of the contract")
+    switch = sub.add_parser("switch", help="manual failover, pinned until the backend fails")
+    switch.add_argument("service")
+    switch.add_argument("backend")
+    switch.add_argument("--force", action="store_true", help="even to a backend that is down")
+    release = sub.add_parser("release", help="end the pin of a manual switch")
+    release.add_argument("service")
+    for name, text in (("drain", "take a backend out of selection"),
+                       ("undrain", "put a drained backend back into selection")):
+        drain = sub.add_parser(name, help=text)
+        drain.add_argument("service")
+        drain.add_argument("backend")
+    sub.add_parser("reload", help="re-read the config; a bad one is refused")
+
     peer = sub.add_parser("probe-peer", help="print the probe's [Peer] block for the backends")
     peer.add_argument("--generate", action="store_true",
                       help="create a missing probe key file (mode 0600)")
@@ -75,6 +90,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         from natfail.cli import probe_cmds
 
         return probe_cmds.probe(args) if args.command == "probe" else probe_cmds.probe_peer(args)
+    if args.command in ("status", "switch", "release", "drain", "undrain", "reload"):
+        from natfail.cli import daemon_cmds
+
+        return daemon_cmds.run(args)
     raise UsageError(f"unknown command {args.command!r}")
 
 

@@ -167,3 +167,23 @@ def test_check_config_rejects_each_broken_config(
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"natfailctl: {path}: {broken.key}")
     assert broken.fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["status"], ["status", "--json"], ["switch", "wg0", "b"], ["release", "wg0"],
+     ["drain", "wg0", "a"], ["undrain", "wg0", "a"], ["reload"]],
+)
+def test_no_daemon_exits_3_in_one_line(tmp_path: Path, argv: list[str]) -> None:
+    proc = run_ctl("--socket", str(tmp_path / "natfail.sock"), *argv)
+    assert proc.returncode == 3, proc
+    assert proc.stderr.strip().splitlines() == [
+        f"natfailctl: daemon unreachable: no socket at {tmp_path / 'natfail.sock'}"
+    ]
+
+
+def test_socket_comes_from_the_config(tmp_path: Path) -> None:
+    conf = write_valid(tmp_path)
+    conf.write_text(f'[daemon]\nsocket = "{tmp_path / "x.sock"}"\n' + conf.read_text())
+    proc = run_ctl("-c", str(conf), "status")
+    assert proc.returncode == 3 and str(tmp_path / "x.sock") in proc.stderr

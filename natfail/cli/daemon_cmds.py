@@ -1,0 +1,76 @@
+"""The natfailctl commands that talk to a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from natfail import exitcodes
+from natfail.cli import client
+from natfail.cli.common import UsageError
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    """--socket, else daemon.socket of -c FILE (default /etc/natfail/natfail.toml),
+    else the default socket when there is no config at all."""
+    if args.socket is not None:
+        return Path(args.socket)
+    from natfail import config as cfg
+
+    path = args.config or cfg.DEFAULT_PATH
+    if args.config is None and not path.exists():
+        return cfg.DEFAULT_DAEMON.socket
+    try:
+        return cfg.load(path).daemon.socket
+    except cfg.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _rtt(value: Any) -> str:
+    return f"{value:.2f} ms" if isinstance(value, (int, float)) else "-"
+
+
+def _print_status(reply: dict[str, Any]) -> None:
+    for index, service in enumerate(reply.get("services", [])):
+        if index:
+            print()
+        pinned = " (pinned)" if service.get("pinned") else ""
+        print(f"service {service.get('name')}  public {service.get('public')}  "
+              f"active {service.get('active') or '-'}{pinned}  "
+              f"failovers {service.get('failovers', 0)}")
+        rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "SINCE")]
+        for backend in service.get("backends", []):
+            marker = "*" if backend.get("name") == service.get("active") else " "
+            rows.append((
+                f"{marker}{backend.get('name')}", str(backend.get("address")),
+                str(backend.get("state")), _rtt(backend.get("rtt_ms")),
+                str(backend.get("since") or "-"),
+            ))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                  .rstrip())
+
+
+def run(args: argparse.Namespace) -> int:
+    path = socket_path(args)
+    command = args.command
+    request: dict[str, Any] = {"command": command}
+    if command in ("switch", "release", "drain", "undrain"):
+        request["service"] = args.service
+    if command in ("switch", "drain", "undrain"):
+        request["backend"] = args.backend
+    if command == "switch":
+        request["force"] = bool(args.force)
+    reply = client.call(path, request)
+    if command == "status":
+        status = {"services": reply.get("services", [])}
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            _print_status(status)
+    elif reply.get("message"):
+        print(reply["message"])
+    return exitcodes.OK
