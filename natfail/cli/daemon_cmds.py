@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ from natfail.cli.common import UsageError
 
 def socket_path(args: argparse.Namespace) -> Path:
     """--socket, else daemon.socket of -c FILE (default /etc/natfail/natfail.toml),
-    else the default socket when there is no config at all."""
+    else the default socket when there is no config at all.
+
+    A config with mistakes elsewhere still names the socket: the operator who
+    broke it must still reach the daemon (to see that `reload` refuses it)."""
     if args.socket is not None:
         return Path(args.socket)
     from natfail import config as cfg
@@ -25,7 +29,29 @@ def socket_path(args: argparse.Namespace) -> Path:
     try:
         return cfg.load(path).daemon.socket
     except cfg.ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        socket = _socket_from_raw(path)
+        if socket is None:
+            raise UsageError(str(exc)) from None
+        return socket
+
+
+def _socket_from_raw(path: Path) -> Path | None:
+    from natfail import config as cfg
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, ValueError):
+        return None
+    daemon = data.get("daemon", {})
+    socket = daemon.get("socket") if isinstance(daemon, dict) else None
+    if socket is None:
+        return cfg.DEFAULT_DAEMON.socket
+    return Path(socket) if isinstance(socket, str) and socket else None
 
 
 def _rtt(value: Any) -> str:

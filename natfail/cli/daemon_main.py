@@ -3,6 +3,9 @@ demo (`natfail demo`)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +27,14 @@ def _build_parser() -> ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    # Under systemd the journal stamps every line; a terminal gets our own time.
+    fmt = "%(levelname)s %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+
+
 def _run_daemon(config_path: Path | None) -> int:
     from natfail import config as cfg
 
@@ -35,9 +46,52 @@ def _run_daemon(config_path: Path | None) -> int:
     problems = cfg.check_files(conf)
     if problems:
         raise UsageError(problems[0])
-    # The control loop (probes, health, switching) is the next milestone; until
-    # it lands, refuse plainly instead of pretending to run.
-    raise Refused(f"{path}: config is valid, but the daemon loop is not built yet")
+    _setup_logging()
+    import asyncio
+
+    from natfail.daemon import Daemon
+    from natfail.io import nft_monitor
+    from natfail.io.conntrack import NetlinkConntrack
+    from natfail.io.conntrack_worker import ConntrackWorker
+    from natfail.io.dataplane import Dataplane, DataplaneError
+    from natfail.io.hooks import SubprocessHookRunner
+    from natfail.io.metrics import Metrics
+    from natfail.io.probe_transport import UdpProbeTransport
+    from natfail.io.sdnotify import SdNotify
+    from natfail.io.timestamps import STATE_FILE, TimestampClock
+
+    dataplane: Dataplane
+    try:
+        if conf.daemon.firewall == "nftables":
+            from natfail.io.nftables import NftablesDataplane
+
+            dataplane = NftablesDataplane()
+        else:
+            from natfail.io.iptables import IptablesDataplane
+
+            dataplane = IptablesDataplane()
+    except (DataplaneError, OSError) as exc:
+        raise Refused(f"cannot use {conf.daemon.firewall}: {exc}") from None
+    conntrack = ConntrackWorker(NetlinkConntrack)
+    conf.daemon.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    clock = TimestampClock(conf.daemon.state_dir / STATE_FILE)
+    daemon = Daemon(
+        conf,
+        dataplane=dataplane,
+        conntrack=conntrack,
+        transport=UdpProbeTransport(clock),
+        notifier=SdNotify(),
+        hooks=SubprocessHookRunner(),
+        metrics=Metrics(),
+        watch_ruleset=nft_monitor.start if conf.daemon.firewall == "nftables" else None,
+    )
+    try:
+        return asyncio.run(daemon.run())
+    finally:
+        conntrack.close()
+        close = getattr(dataplane, "close", None)
+        if close is not None:
+            close()
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,583 @@
+"""The daemon: probes -> health -> selector -> dataplane -> conntrack.
+
+Decisions are made by the pure core (`natfail.core.health`,
+`natfail.core.selector`, `natfail.core.ruleset`); this module schedules the
+probes, feeds the results in, carries the decisions out through the edges in
+`natfail.io`, and keeps the operator's wishes (pins, drains) across restarts.
+
+Order of a switch, always: one dataplane transaction; only if it succeeded,
+the conntrack cleanup of the old backend; then the log line, the metrics and
+the notify hook. A failed transaction keeps the last good state and is
+retried on the next round."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from natfail import config as cfg
+from natfail.core import health as hl
+from natfail.core import noise, ruleset
+from natfail.core import selector as sel
+from natfail.io.conntrack import ConntrackError
+from natfail.io.conntrack_worker import AsyncConntrack
+from natfail.io.control import ControlServer, Peer, RequestError
+from natfail.io.dataplane import Dataplane, DataplaneError
+from natfail.io.hooks import HookRunner, SwitchEvent
+from natfail.io.metrics import Metrics
+from natfail.io.probe_transport import ProbeResult, ProbeTransport
+from natfail.io.sdnotify import Notifier
+from natfail.io.statefile import read_or_none, write_atomic
+
+log = logging.getLogger("natfail")
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class ServiceRuntime:
+    service: cfg.Service
+    keys: noise.Keys
+    health: dict[str, hl.BackendHealth]
+    active: str | None = None
+    pin: sel.Pin | None = None
+    drained: set[str] = field(default_factory=set)
+    failovers: int = 0
+    no_healthy: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def candidates(self) -> list[sel.Candidate]:
+        return [
+            sel.Candidate(b.name, b.priority, self.health[b.name].state, self.health[b.name].since)
+            for b in self.service.backends
+        ]
+
+
+def load_keys(service: cfg.Service) -> noise.Keys:
+    """The probe identity of one service; ConfigError-like ValueError when unusable."""
+    private = cfg.load_key_file(service.probe.private_key_file)
+    psk = cfg.load_key_file(service.preshared_key_file) if service.preshared_key_file else None
+    return noise.Keys(private, service.server_public_key, psk or bytes(32))
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: cfg.Config,
+        *,
+        dataplane: Dataplane,
+        conntrack: AsyncConntrack,
+        transport: ProbeTransport,
+        notifier: Notifier,
+        hooks: HookRunner,
+        metrics: Metrics | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        watch_ruleset: Callable[[Callable[[], None]], asyncio.Future[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.dataplane = dataplane
+        self.conntrack = conntrack
+        self.transport = transport
+        self.notifier = notifier
+        self.hooks = hooks
+        self.metrics = metrics
+        self.monotonic = monotonic
+        self._watch_ruleset = watch_ruleset
+        self.services: dict[str, ServiceRuntime] = {}
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._reconcile_requested = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Future[Any]] = set()
+        self._desired: ruleset.Ruleset | None = None
+        self.control = ControlServer(config.daemon.socket, self._handle)
+
+    # -- state kept across restarts ---------------------------------------------------
+
+    @property
+    def _state_path(self) -> Path:
+        return self.config.daemon.state_dir / STATE_FILE
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            raw = read_or_none(self._state_path)
+            data = json.loads(raw) if raw else {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable state file %s: %s", self._state_path, exc)
+            return {}
+        services = data.get("services") if isinstance(data, dict) else None
+        return services if isinstance(services, dict) else {}
+
+    def _save_state(self) -> None:
+        services: dict[str, Any] = {}
+        for name, rt in self.services.items():
+            pin = {"backend": rt.pin.backend, "armed": rt.pin.armed} if rt.pin else None
+            services[name] = {"pin": pin, "drained": sorted(rt.drained), "active": rt.active}
+        try:
+            write_atomic(self._state_path, json.dumps({"version": 1, "services": services},
+                                                      indent=1).encode())
+        except OSError as exc:
+            log.error("cannot write state file %s: %s", self._state_path, exc.strerror)
+
+    def _runtime(self, service: cfg.Service, saved: Any, now: float) -> ServiceRuntime:
+        rt = ServiceRuntime(
+            service=service,
+            keys=load_keys(service),
+            health={b.name: hl.BackendHealth.initial(now) for b in service.backends},
+        )
+        if isinstance(saved, dict):
+            names = {b.name for b in service.backends}
+            drained = saved.get("drained")
+            if isinstance(drained, list):
+                rt.drained = {d for d in drained if d in names}
+            pin = saved.get("pin")
+            if isinstance(pin, dict) and pin.get("backend") in names:
+                rt.pin = sel.Pin(str(pin["backend"]), bool(pin.get("armed", True)))
+        return rt
+
+    # -- the firewall ------------------------------------------------------------------
+
+    def _build(self, actives: dict[str, str | None]) -> ruleset.Ruleset:
+        return ruleset.build(self.config.services, actives)
+
+    def _actives(self) -> dict[str, str | None]:
+        return {name: rt.active for name, rt in self.services.items()}
+
+    def _apply(self, desired: ruleset.Ruleset) -> bool:
+        try:
+            self.dataplane.apply(desired)
+        except DataplaneError as exc:
+            log.error("firewall transaction failed, keeping the last good state: %s", exc)
+            return False
+        self._desired = desired
+        return True
+
+    async def _cleanup(self, service: cfg.Service, backend_name: str) -> None:
+        backend = service.backend(backend_name)
+        if backend is None:
+            return
+        mark = ruleset.backend_mark(service.name, backend.name)
+        try:
+            result = await self.conntrack.remove_backend(mark, backend.address)
+        except ConntrackError as exc:
+            log.error("%s: conntrack cleanup of %s failed: %s", service.name, backend_name, exc)
+            return
+        if result.found_after_first or result.left:
+            log.info("%s: conntrack cleanup of %s needed %d passes (%d left)", service.name,
+                     backend_name, result.passes, result.left)
+
+    async def _commit(self, rt: ServiceRuntime, decision: sel.Decision) -> bool:
+        """Carry out a decision: swap, clean, tell. False when the swap failed."""
+        rt.no_healthy = decision.no_healthy
+        if decision.pin_dropped:
+            log.info("%s: pin on %s ended (%s)", rt.service.name,
+                     rt.pin.backend if rt.pin else "?", decision.reason)
+        pin_changed = decision.pin != rt.pin
+        rt.pin = decision.pin
+        if not decision.changed:
+            if pin_changed:
+                self._save_state()
+            return True
+        previous = rt.active
+        actives = self._actives()
+        actives[rt.service.name] = decision.active
+        started = self.monotonic()
+        if not self._apply(self._build(actives)):
+            return False
+        rt.active = decision.active
+        swapped = self.monotonic()
+        if previous is not None:
+            await self._cleanup(rt.service, previous)
+        cleaned = self.monotonic()
+        if previous is not None:
+            rt.failovers += 1
+        assert decision.active is not None
+        active = rt.service.backend(decision.active)
+        log.warning(
+            "%s: active backend %s -> %s (%s); swap %.1f ms, conntrack cleanup %.1f ms",
+            rt.service.name, previous or "none", decision.active, decision.reason,
+            (swapped - started) * 1000, (cleaned - swapped) * 1000,
+        )
+        names = [b.name for b in rt.service.backends]
+        if self.metrics:
+            if previous is not None:
+                self.metrics.switched(rt.service.name, names, decision.active, decision.reason)
+            else:
+                self.metrics.set_active(rt.service.name, names, decision.active)
+        self._save_state()
+        self._status()
+        if rt.service.notify is not None and active is not None:
+            event = SwitchEvent(rt.service.name, previous, decision.active, decision.reason,
+                                str(active.address))
+            self._spawn(self.hooks.run(rt.service.notify, event))
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _decide(self, rt: ServiceRuntime) -> None:
+        async with self._lock:
+            if self.services.get(rt.service.name) is not rt:
+                return  # removed by a reload meanwhile
+            now = self.monotonic()
+            decision = sel.select(
+                rt.candidates(), current=rt.active, now=now, drained=rt.drained, pin=rt.pin,
+                failback=rt.service.failback, preempt_delay=rt.service.preempt_delay,
+            )
+            if decision.no_healthy and not rt.no_healthy:
+                log.error("%s: no healthy backend; traffic stays on %s", rt.service.name,
+                          rt.active or "nothing")
+            await self._commit(rt, decision)
+
+    async def reconcile(self, why: str) -> None:
+        """Put natfail's rules back if something else changed them."""
+        async with self._lock:
+            desired = self._build(self._actives())
+            try:
+                installed = self.dataplane.read()
+                intact = self.dataplane.intact()
+            except DataplaneError as exc:
+                log.error("cannot read the firewall: %s", exc)
+                installed, intact = None, False
+            if intact and installed == desired:
+                self._desired = desired
+                return
+            if self._apply(desired):
+                log.warning("repaired natfail's firewall rules (%s)", why)
+                if self.metrics:
+                    self.metrics.repairs.inc()
+
+    # -- probing -----------------------------------------------------------------------
+
+    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, result: ProbeResult) -> None:
+        old = rt.health.get(backend.name)
+        if old is None:
+            return  # removed by a reload while the probe was in flight
+        probe = rt.service.probe
+        new = hl.observe(
+            old, result.up, max(self.monotonic(), old.since), probe.rise, probe.fall,
+            rtt=result.rtt if result.up else None, reason="" if result.up else result.reason,
+        )
+        rt.health[backend.name] = new
+        if self.metrics:
+            self.metrics.probe(rt.service.name, backend.name, result.up, result.rtt,
+                               result.reason)
+            if new.state != hl.HealthState.UNKNOWN:
+                self.metrics.health(rt.service.name, backend.name,
+                                    new.state == hl.HealthState.UP)
+        if new.state != old.state:
+            detail = (f"rtt {result.rtt_ms:.2f} ms" if result.up and result.rtt_ms is not None
+                      else result.reason)
+            log.info("%s: backend %s is %s (%s)", rt.service.name, backend.name,
+                     new.state.value, detail)
+
+    async def _probe_round(self, rt: ServiceRuntime) -> None:
+        probe = rt.service.probe
+        backends = list(rt.service.backends)
+        results = await asyncio.gather(
+            *(self.transport.probe(rt.keys, b.address, probe.timeout) for b in backends)
+        )
+        for backend, result in zip(backends, results, strict=True):
+            self._observe(rt, backend, result)
+        await self._decide(rt)
+        await self.reconcile("checked after a probe round")
+
+    async def _service_loop(self, rt: ServiceRuntime) -> None:
+        interval = rt.service.probe.interval
+        # A random phase spreads services and gateways apart; the period itself
+        # stays exact, so detection time stays within fall x interval + timeout.
+        next_round = self.monotonic() + random.uniform(0, min(interval, 1.0) * 0.1)
+        while not self._stop.is_set():
+            delay = next_round - self.monotonic()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(rt.wake.wait(), delay)
+            rt.wake.clear()
+            next_round = max(next_round + interval, self.monotonic())
+            try:
+                await self._probe_round(rt)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # one bad round must not end the service's probing
+                log.exception("%s: probe round failed", rt.service.name)
+
+    def _start_task(self, rt: ServiceRuntime) -> None:
+        self._tasks[rt.service.name] = asyncio.create_task(self._service_loop(rt))
+
+    async def _stop_service(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- start, reload, stop -----------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        now = self.monotonic()
+        saved = self._load_state()
+        try:
+            installed = self.dataplane.read()
+        except DataplaneError as exc:
+            log.error("cannot read the installed rules, starting fresh: %s", exc)
+            installed = ruleset.Ruleset()
+        adopted = ruleset.active_from(installed, self.config.services)
+        for service in self.config.services:
+            rt = self._runtime(service, saved.get(service.name), now)
+            rt.active = adopted.get(service.name)
+            if rt.active is not None:
+                log.info("%s: adopted the installed rule to %s", service.name, rt.active)
+            self.services[service.name] = rt
+        while not self._apply(self._build(self._actives())):
+            if await self._sleep_or_stop(1.0):
+                return 0
+        await self.control.start()
+        if self.config.daemon.metrics_listen and self.metrics:
+            host, port = cfg.parse_listen(self.config.daemon.metrics_listen)
+            self.metrics.serve(host, port)
+        for rt in self.services.values():
+            self._start_task(rt)
+        if self._watch_ruleset is not None:
+            watcher = self._watch_ruleset(self._reconcile_requested.set)
+            self._background.add(watcher)
+        self.notifier.notify("READY=1")
+        self._status()
+        log.info("natfail running: %d service(s), firewall %s, socket %s",
+                 len(self.services), self.config.daemon.firewall, self.config.daemon.socket)
+        try:
+            await self._main_loop()
+        finally:
+            self.notifier.notify("STOPPING=1")
+            for name in list(self._tasks):
+                await self._stop_service(name)
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            await self.control.close()
+            if self.metrics:
+                self.metrics.close()
+            self._save_state()
+            log.info("natfail stopped; the rules stay in place")
+        return 0
+
+    async def _sleep_or_stop(self, seconds: float) -> bool:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
+    async def _main_loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval
+        tick = min(watchdog / 2, 1.0) if watchdog else 1.0
+        while not self._stop.is_set():
+            waiters = [asyncio.ensure_future(e.wait()) for e in
+                       (self._stop, self._reload_requested, self._reconcile_requested)]
+            await asyncio.wait(waiters, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if watchdog:
+                self.notifier.notify("WATCHDOG=1")
+            if self._reconcile_requested.is_set():
+                self._reconcile_requested.clear()
+                await self.reconcile("the ruleset changed")
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                with contextlib.suppress(RequestError):  # logged; the old config stays
+                    await self.reload()
+
+    async def reload(self) -> str:
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            return await self._reload()
+        finally:
+            self.notifier.notify("READY=1")
+            self._status()
+
+    async def _reload(self) -> str:
+        path = self.config.path
+        try:
+            new = cfg.load(path)
+            problems = cfg.check_files(new)
+            if problems:
+                raise cfg.ConfigError(path, "", problems[0].split(": ", 1)[-1])
+            if new.daemon != self.config.daemon:
+                raise cfg.ConfigError(path, "daemon", "[daemon] settings change only with a "
+                                      "restart (systemctl restart natfail)")
+            keys = {s.name: load_keys(s) for s in new.services}
+        except (cfg.ConfigError, ValueError) as exc:
+            log.error("reload refused, the running config stays: %s", exc)
+            raise RequestError(f"reload refused: {exc}", 2) from None
+        now = self.monotonic()
+        async with self._lock:
+            old_services = {s.name: s for s in self.config.services}
+            removed = [n for n in old_services if n not in keys]
+            lost: list[tuple[cfg.Service, str]] = []
+            for name in removed:
+                await self._stop_service(name)
+                rt = self.services.pop(name)
+                if rt.active is not None:
+                    lost.append((rt.service, rt.active))
+                if self.metrics:
+                    self.metrics.forget(name)
+            added: list[ServiceRuntime] = []
+            for service in new.services:
+                rt_or_none = self.services.get(service.name)
+                if rt_or_none is None:
+                    added.append(self._runtime(service, None, now))
+                    continue
+                lost += self._update_runtime(rt_or_none, service, keys[service.name], now)
+            self.config = new
+            for rt in added:
+                self.services[rt.service.name] = rt
+            if not self._apply(self._build(self._actives())):
+                raise RequestError("reload: the firewall refused the new rules; see the log")
+            for service, backend in lost:
+                await self._cleanup(service, backend)
+            for rt in added:
+                self._start_task(rt)
+            self._save_state()
+        message = (f"reloaded {path}: {len(new.services)} service(s), {len(added)} added, "
+                   f"{len(removed)} removed")
+        log.info("%s", message)
+        return message
+
+    def _update_runtime(self, rt: ServiceRuntime, service: cfg.Service, keys: noise.Keys,
+                        now: float) -> list[tuple[cfg.Service, str]]:
+        """Carry a service over a reload; returns backends whose flows must go."""
+        old = rt.service
+        lost: list[tuple[cfg.Service, str]] = []
+        health: dict[str, hl.BackendHealth] = {}
+        for backend in service.backends:
+            before = old.backend(backend.name)
+            same = before is not None and before.address == backend.address
+            previous = rt.health.get(backend.name)
+            health[backend.name] = (
+                previous if same and previous is not None and keys == rt.keys
+                else hl.BackendHealth.initial(now)
+            )
+        names = set(health)
+        if rt.active is not None:
+            before = old.backend(rt.active)
+            after = service.backend(rt.active)
+            if after is None or before is None or after.address != before.address:
+                lost.append((old, rt.active))
+                rt.active = None
+        rt.drained &= names
+        if rt.pin is not None and rt.pin.backend not in names:
+            rt.pin = None
+        rt.service, rt.keys, rt.health = service, keys, health
+        rt.wake.set()  # probe the changed service at once
+        return lost
+
+    # -- status and commands -----------------------------------------------------------
+
+    def _status(self) -> None:
+        parts = [f"{name}: {rt.active or 'none'}" + (" (pinned)" if rt.pin else "")
+                 for name, rt in self.services.items()]
+        self.notifier.notify("STATUS=active " + ", ".join(parts))
+
+    def _since(self, monotonic_since: float) -> str:
+        wall = time.time() - (self.monotonic() - monotonic_since)
+        return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="seconds")
+
+    def status(self) -> dict[str, Any]:
+        services = []
+        for rt in self.services.values():
+            backends = []
+            for b in rt.service.backends:
+                h = rt.health[b.name]
+                backends.append({
+                    "name": b.name,
+                    "address": str(b.address),
+                    "state": sel.effective_state(h.state, b.name in rt.drained),
+                    "rtt_ms": None if h.last_rtt is None else round(h.last_rtt * 1000, 3),
+                    "since": self._since(h.since),
+                    "priority": b.priority,
+                    "reason": h.last_reason,
+                })
+            services.append({
+                "name": rt.service.name,
+                "public": str(rt.service.public),
+                "active": rt.active,
+                "pinned": rt.pin is not None,
+                "failovers": rt.failovers,
+                "backends": backends,
+            })
+        return {"services": services}
+
+    def _service_arg(self, request: dict[str, Any]) -> ServiceRuntime:
+        name = request.get("service")
+        rt = self.services.get(name) if isinstance(name, str) else None
+        if rt is None:
+            raise RequestError(f"no service {name!r} (services: {', '.join(self.services)})")
+        return rt
+
+    def _backend_arg(self, rt: ServiceRuntime, request: dict[str, Any]) -> str:
+        name = request.get("backend")
+        if not isinstance(name, str) or rt.service.backend(name) is None:
+            names = ", ".join(b.name for b in rt.service.backends)
+            raise RequestError(f"service {rt.service.name} has no backend {name!r} ({names})")
+        return name
+
+    async def _handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        command = request["command"]
+        if command == "status":
+            return self.status()
+        if command == "ping":
+            return {"message": "pong"}
+        if command == "reload":
+            log.info("reload requested by uid %d", peer.uid)
+            return {"message": await self.reload()}
+        if command not in ("switch", "release", "drain", "undrain"):
+            raise RequestError(f"unknown command {command!r}", 2)
+        rt = self._service_arg(request)
+        name = rt.service.name
+        if command == "release":
+            if rt.pin is None:
+                return {"message": f"{name}: not pinned"}
+            rt.pin = None
+            message = f"{name}: pin released"
+        else:
+            backend = self._backend_arg(rt, request)
+            state = rt.health[backend].state
+            if command == "switch":
+                if backend in rt.drained:
+                    raise RequestError(f"{name}: backend {backend} is drained (undrain it first)")
+                if state != hl.HealthState.UP and not request.get("force"):
+                    raise RequestError(f"{name}: backend {backend} is {state.value}; "
+                                       "use --force to switch anyway")
+                rt.pin = sel.Pin.new(backend, state)
+                message = f"{name}: switched to {backend}, pinned until it fails or release"
+            elif command == "drain":
+                rt.drained.add(backend)
+                message = f"{name}: backend {backend} drained"
+            else:
+                rt.drained.discard(backend)
+                message = f"{name}: backend {backend} back in selection"
+        log.info("%s (uid %d)", message, peer.uid)
+        async with self._lock:
+            decision = sel.select(
+                rt.candidates(), current=rt.active, now=self.monotonic(), drained=rt.drained,
+                pin=rt.pin, failback=rt.service.failback,
+                preempt_delay=rt.service.preempt_delay,
+            )
+            if not await self._commit(rt, decision):
+                raise RequestError(f"{name}: the firewall refused the change; see the log")
+            self._save_state()
+        return {"message": message, "active": rt.active}

@@ -1,0 +1,235 @@
+"""The daemon as an operator runs it: `natfail -c FILE` in the gateway's
+namespace, driven with `natfailctl`, with real wireguard-go and real traffic.
+Every test runs once per dataplane."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from natfail.lab import Lab, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {"PYTHONPATH": str(REPO)}
+INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 1, 2
+KINDS = ("nftables", "iptables")
+
+
+class Gateway:
+    """The daemon process and natfailctl, for one test."""
+
+    def __init__(self, lab: Lab, firewall: str) -> None:
+        self.lab = lab
+        self.firewall = firewall
+        extra = (f"[service.probe]\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n"
+                 f"rise = {RISE}\nfall = {FALL}")
+        self.config = lab.write_config(firewall=firewall, extra_service=extra)
+        self.log = lab.dir / f"daemon-{firewall}.log"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "a")  # noqa: SIM115 - the daemon keeps it while it runs
+        self.proc = self.lab.popen(
+            self.lab.gateway, [sys.executable, "-m", "natfail", "-c", str(self.config)],
+            stdout=out, stderr=subprocess.STDOUT, env=ENV,
+        )
+        out.close()
+        assert wait_until(lambda: self.ctl("status").returncode == 0, 10), self.logs()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def logs(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "natfail.cli.ctl", "-c", str(self.config), *argv],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, **ENV},
+        )
+
+    def status(self) -> dict[str, Any]:
+        proc = self.ctl("status", "--json")
+        assert proc.returncode == 0, proc.stderr
+        service: dict[str, Any] = json.loads(proc.stdout)["services"][0]
+        return service
+
+    def backend_state(self, name: str) -> str:
+        return str(next(b for b in self.status()["backends"] if b["name"] == name)["state"])
+
+    def wait_active(self, name: str, timeout: float = 10.0) -> bool:
+        return wait_until(lambda: self.status()["active"] == name, timeout, 0.05)
+
+    def conntrack(self) -> str:
+        return self.lab.exec(self.lab.gateway, ["conntrack", "-L", "-p", "udp"],
+                             check=False).stdout
+
+    def remove_rules(self) -> None:
+        gw = self.lab.gateway
+        self.lab.exec(gw, ["nft", "delete", "table", "inet", "natfail"], check=False)
+        for tool in ("iptables-legacy", "ip6tables-legacy"):
+            for hook, chain in (("PREROUTING", "NATFAIL-PRE"), ("POSTROUTING", "NATFAIL-POST")):
+                self.lab.exec(gw, [tool, "-t", "nat", "-D", hook, "-j", chain], check=False)
+                self.lab.exec(gw, [tool, "-t", "nat", "-F", chain], check=False)
+                self.lab.exec(gw, [tool, "-t", "nat", "-X", chain], check=False)
+
+
+@pytest.fixture(params=KINDS)
+def gw(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[Gateway]:
+    gateway = Gateway(fresh, request.param)
+    gateway.remove_rules()
+    (fresh.dir / "state" / "state.json").unlink(missing_ok=True)
+    gateway.start()
+    assert gateway.wait_active("a"), gateway.logs()
+    yield gateway
+    gateway.stop()
+    assert "Traceback" not in gateway.logs(), gateway.logs()
+    gateway.remove_rules()
+
+
+def _tunnel(lab: Lab) -> bool:
+    lab.client_rehandshake()
+    return lab.client_ping(count=2, interval=0.1, timeout=3)
+
+
+def test_failover_within_the_bound(gw: Gateway) -> None:
+    lab = gw.lab
+    assert _tunnel(lab)
+    assert "10.0.0.2" in gw.conntrack()
+    lab.backend("a").stop()
+    killed = time.monotonic()
+    assert gw.wait_active("b", 10), gw.logs()
+    took = time.monotonic() - killed
+    bound = FALL * INTERVAL + TIMEOUT + 0.3
+    assert took <= bound, f"switched after {took:.2f} s, bound {bound:.2f} s"
+    assert "10.0.0.2" not in gw.conntrack()
+    status = gw.status()
+    assert status["failovers"] == 1
+    assert gw.backend_state("a") == "down"
+    # the client's own WireGuard finds the new backend: no help from the test
+    assert wait_until(lambda: lab.client_ping(count=1, interval=0.2, timeout=1), 30, 0.1)
+    assert lab.client_endpoint() == f"{lab.public_v4}:{lab.public_port}"
+
+
+def test_manual_switch_pins_and_release(gw: Gateway) -> None:
+    lab = gw.lab
+    proc = gw.ctl("switch", "wg0", "b")
+    assert proc.returncode == 0, proc.stderr
+    status = gw.status()
+    assert status["active"] == "b" and status["pinned"] is True
+    before = lab.transfers()
+    assert _tunnel(lab)
+    assert lab.carrying_backends(before) == ["b"]
+    assert gw.ctl("release", "wg0").returncode == 0
+    status = gw.status()
+    assert status["pinned"] is False and status["active"] == "b"  # sticky
+
+
+def test_switch_to_a_dead_backend_is_refused_unless_forced(gw: Gateway) -> None:
+    gw.lab.backend("b").stop()
+    assert wait_until(lambda: gw.backend_state("b") == "down", 5), gw.logs()
+    proc = gw.ctl("switch", "wg0", "b")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "natfailctl: wg0: backend b is down; use --force to switch anyway"
+    ]
+    assert gw.status()["active"] == "a"
+    assert gw.ctl("switch", "wg0", "b", "--force").returncode == 0
+    assert gw.status()["active"] == "b"
+    assert gw.ctl("switch", "wg0", "nope").returncode == 1
+    assert gw.ctl("switch", "nope", "a").returncode == 1
+
+
+def test_drain_of_the_active_backend_moves_traffic(gw: Gateway) -> None:
+    lab = gw.lab
+    assert gw.ctl("drain", "wg0", "a").returncode == 0
+    status = gw.status()
+    assert status["active"] == "b"
+    assert gw.backend_state("a") == "drained"
+    before = lab.transfers()
+    assert _tunnel(lab)
+    assert lab.carrying_backends(before) == ["b"]
+    assert gw.ctl("undrain", "wg0", "a").returncode == 0
+    assert gw.status()["active"] == "b"  # sticky: no move back
+
+
+def test_bad_reload_is_refused_and_the_old_config_stays(gw: Gateway) -> None:
+    good = gw.config.read_text()
+    gw.config.write_text(good.replace("priority = 100", "priority = 'high'"))
+    proc = gw.ctl("reload")
+    assert proc.returncode == 2
+    assert "service[0].backend[0].priority" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert gw.status()["active"] == "a"
+    # SIGHUP with the bad file: logged, nothing changes
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in gw.logs(), 5)
+    assert gw.status()["active"] == "a"
+    # a good reload that removes the active backend moves traffic
+    gw.config.write_text(good.replace('name = "a"\naddress = "10.0.0.2:51820"',
+                                      'name = "c"\naddress = "10.0.0.2:51820"'))
+    proc = gw.ctl("reload")
+    assert proc.returncode == 0, proc.stderr
+    assert gw.wait_active("b", 5) or gw.wait_active("c", 5), gw.logs()
+
+
+def test_sigkill_and_restart_keep_traffic_and_conntrack(gw: Gateway) -> None:
+    lab = gw.lab
+    assert _tunnel(lab)
+    flows_before = [line for line in gw.conntrack().splitlines() if "10.0.0.2" in line]
+    assert flows_before
+    pinger = lab.popen(lab.client, ["ping", "-n", "-q", "-i", "0.05", "-c", "60", "10.99.0.1"],
+                       stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    gw.stop(signal.SIGKILL)
+    time.sleep(0.5)
+    gw.start()
+    assert gw.status()["active"] == "a"
+    out, _ = pinger.communicate(timeout=30)
+    assert " 0% packet loss" in out, out
+    assert "adopted the installed rule to a" in gw.logs()
+    flows_after = [line for line in gw.conntrack().splitlines() if "10.0.0.2" in line]
+    assert flows_after, "the restart flushed conntrack"
+
+
+def test_flush_ruleset_is_repaired(gw: Gateway) -> None:
+    lab = gw.lab
+    if gw.firewall == "nftables":
+        lab.exec(lab.gateway, ["nft", "flush", "ruleset"])
+    else:
+        lab.exec(lab.gateway, ["iptables-legacy", "-t", "nat", "-F"])
+    assert wait_until(lambda: "repaired natfail's firewall rules" in gw.logs(), 5), gw.logs()
+    assert _tunnel(lab)
+
+
+def test_junk_on_the_control_socket(gw: Gateway) -> None:
+    path = gw.lab.dir / "natfail.sock"
+    for junk in (b"\x00\xff garbage\n", b"{\"command\": [1]}\n", b"x" * 100_000, b"\n"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            try:
+                sock.sendall(junk)
+                sock.shutdown(socket.SHUT_WR)
+                reply = sock.recv(65536)
+            except OSError:
+                reply = b""
+            if reply:
+                assert json.loads(reply)["ok"] is False
+    assert gw.proc is not None and gw.proc.poll() is None
+    assert gw.status()["active"] == "a"
