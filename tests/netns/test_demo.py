@@ -13,6 +13,7 @@ def test_demo_runs_and_fails_over() -> None:
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "client tunnel back, carried by b" in proc.stdout, proc.stdout
+    assert "client tunnel back, through backend b" in proc.stdout, proc.stdout
+    assert "rules swapped to b" in proc.stdout
     assert "\033[" not in proc.stdout  # no colour when not on a terminal
     assert "Traceback" not in proc.stderr
