@@ -1,0 +1,89 @@
+"""How fast the daemon puts its rules back after `nft flush ruleset`.
+
+A lab with real wireguard-go, the daemon in the gateway namespace (nftables),
+and `nft monitor` in the same namespace: the time from starting `nft flush
+ruleset` to the event of natfail's table coming back. It is an upper bound:
+it includes starting the nft process (a few ms), and the flush event and the
+repair event usually reach the pipe together. Target: 100 ms.
+
+Writes bench/results/repair.json. Usage (root): .venv/bin/python bench/bench_repair.py [-n N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from natfail.lab import Lab, wait_until  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "repair.json"
+TARGET_MS = 100.0
+
+
+def _read_until(proc: subprocess.Popen[str], needle: str, timeout: float) -> float | None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return None
+        if needle in line:
+            return time.monotonic()
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=30, help="flushes (default 30)")
+    args = parser.parse_args()
+    samples: list[float] = []
+    with Lab(backends=2) as lab:
+        config = lab.write_config()
+        log = lab.dir / "natfail.log"
+        with open(log, "w") as sink:
+            daemon = lab.popen(lab.gateway, [sys.executable, "-m", "natfail", "-c", str(config)],
+                               stdout=sink, stderr=subprocess.STDOUT,
+                               env={"PYTHONPATH": str(ROOT)})
+        assert wait_until(lambda: "active backend none -> a" in log.read_text(), 15), \
+            log.read_text()
+        monitor = lab.popen(lab.gateway, ["nft", "monitor", "tables"], stdout=subprocess.PIPE)
+        time.sleep(0.3)
+        for _ in range(args.n):
+            flushed = time.monotonic()
+            lab.exec(lab.gateway, ["nft", "flush", "ruleset"])
+            back = _read_until(monitor, "add table inet natfail", 5)
+            if back is None:
+                raise SystemExit("the table did not come back within 5 s: " + log.read_text())
+            samples.append((back - flushed) * 1000)
+            time.sleep(0.2)
+        monitor.kill()
+        daemon.terminate()
+        daemon.wait(10)
+    samples.sort()
+    result = {
+        "what": "start of `nft flush ruleset` in the gateway -> natfail's table back "
+                "(upper bound: includes starting nft)",
+        "machine": {"python": platform.python_version(), "kernel": platform.release()},
+        "flushes": len(samples),
+        "median_ms": round(statistics.median(samples), 2),
+        "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 2),
+        "max_ms": round(samples[-1], 2),
+        "target_ms": TARGET_MS,
+        "meets_target": samples[-1] <= TARGET_MS,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
