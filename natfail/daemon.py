@@ -200,28 +200,32 @@ class Daemon:
         if previous is not None:
             await self._cleanup(rt.service, previous)
         cleaned = self.monotonic()
+        self._switched(rt, previous, decision.reason, swapped - started, cleaned - swapped)
+        return True
+
+    def _switched(self, rt: ServiceRuntime, previous: str | None, reason: str, swap: float,
+                  cleanup: float) -> None:
+        """After a swap to ``rt.active`` and the cleanup: count, log, metrics, hook."""
+        assert rt.active is not None
         if previous is not None:
             rt.failovers += 1
-        assert decision.active is not None
-        active = rt.service.backend(decision.active)
+        active = rt.service.backend(rt.active)
         log.warning(
             "%s: active backend %s -> %s (%s); swap %.1f ms, conntrack cleanup %.1f ms",
-            rt.service.name, previous or "none", decision.active, decision.reason,
-            (swapped - started) * 1000, (cleaned - swapped) * 1000,
+            rt.service.name, previous or "none", rt.active, reason, swap * 1000, cleanup * 1000,
         )
         names = [b.name for b in rt.service.backends]
         if self.metrics:
             if previous is not None:
-                self.metrics.switched(rt.service.name, names, decision.active, decision.reason)
+                self.metrics.switched(rt.service.name, names, rt.active, reason)
             else:
-                self.metrics.set_active(rt.service.name, names, decision.active)
+                self.metrics.set_active(rt.service.name, names, rt.active)
         self._save_state()
         self._status()
         if rt.service.notify is not None and active is not None:
-            event = SwitchEvent(rt.service.name, previous, decision.active, decision.reason,
+            event = SwitchEvent(rt.service.name, previous, rt.active, reason,
                                 str(active.address))
             self._spawn(self.hooks.run(rt.service.notify, event))
-        return True
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -445,12 +449,34 @@ class Daemon:
             self.config = new
             for rt in added:
                 self.services[rt.service.name] = rt
+            # A service whose active backend went away moves in this same
+            # transaction: a moment without its DNAT would let client packets
+            # make un-NATed conntrack entries that outlive the rule added later.
+            moved: list[tuple[ServiceRuntime, str, str]] = []
+            for service, backend in lost:
+                rt_lost = self.services.get(service.name)
+                if rt_lost is None or rt_lost.active is not None:
+                    continue  # the whole service was removed
+                decision = sel.select(
+                    rt_lost.candidates(), current=None, now=now, drained=rt_lost.drained,
+                    pin=rt_lost.pin, failback=rt_lost.service.failback,
+                    preempt_delay=rt_lost.service.preempt_delay,
+                )
+                if decision.active is not None:
+                    rt_lost.active, rt_lost.pin = decision.active, decision.pin
+                    moved.append((rt_lost, backend, decision.reason))
+            for rt in added:  # probed even if the firewall refuses the rules below
+                self._start_task(rt)
+            started = self.monotonic()
             if not self._apply(self._build(self._actives())):
+                self._save_state()
                 raise RequestError("reload: the firewall refused the new rules; see the log")
+            swapped = self.monotonic()
             for service, backend in lost:
                 await self._cleanup(service, backend)
-            for rt in added:
-                self._start_task(rt)
+            cleaned = self.monotonic()
+            for rt, previous, reason in moved:
+                self._switched(rt, previous, reason, swapped - started, cleaned - swapped)
             self._save_state()
         message = (f"reloaded {path}: {len(new.services)} service(s), {len(added)} added, "
                    f"{len(removed)} removed")
