@@ -561,6 +561,30 @@ class Daemon:
             raise RequestError(f"service {rt.service.name} has no backend {name!r} ({names})")
         return name
 
+    def _operator_change(self, rt: ServiceRuntime, command: str, request: dict[str, Any]) -> str:
+        """Apply switch/release/drain/undrain to the service's wishes; the message."""
+        name = rt.service.name
+        if command == "release":
+            if rt.pin is None:
+                return f"{name}: not pinned"
+            rt.pin = None
+            return f"{name}: pin released"
+        backend = self._backend_arg(rt, request)
+        state = rt.health[backend].state
+        if command == "switch":
+            if backend in rt.drained:
+                raise RequestError(f"{name}: backend {backend} is drained (undrain it first)")
+            if state != hl.HealthState.UP and not request.get("force"):
+                raise RequestError(f"{name}: backend {backend} is {state.value}; "
+                                   "use --force to switch anyway")
+            rt.pin = sel.Pin.new(backend, state)
+            return f"{name}: switched to {backend}, pinned until it fails or release"
+        if command == "drain":
+            rt.drained.add(backend)
+            return f"{name}: backend {backend} drained"
+        rt.drained.discard(backend)
+        return f"{name}: backend {backend} back in selection"
+
     async def _handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
         command = request["command"]
         if command == "status":
@@ -572,38 +596,20 @@ class Daemon:
             return {"message": await self.reload()}
         if command not in ("switch", "release", "drain", "undrain"):
             raise RequestError(f"unknown command {command!r}", 2)
-        rt = self._service_arg(request)
-        name = rt.service.name
-        if command == "release":
-            if rt.pin is None:
-                return {"message": f"{name}: not pinned"}
-            rt.pin = None
-            message = f"{name}: pin released"
-        else:
-            backend = self._backend_arg(rt, request)
-            state = rt.health[backend].state
-            if command == "switch":
-                if backend in rt.drained:
-                    raise RequestError(f"{name}: backend {backend} is drained (undrain it first)")
-                if state != hl.HealthState.UP and not request.get("force"):
-                    raise RequestError(f"{name}: backend {backend} is {state.value}; "
-                                       "use --force to switch anyway")
-                rt.pin = sel.Pin.new(backend, state)
-                message = f"{name}: switched to {backend}, pinned until it fails or release"
-            elif command == "drain":
-                rt.drained.add(backend)
-                message = f"{name}: backend {backend} drained"
-            else:
-                rt.drained.discard(backend)
-                message = f"{name}: backend {backend} back in selection"
-        log.info("%s (uid %d)", message, peer.uid)
+        # Under the lock: a reload running meanwhile cannot swap the service
+        # out between the check of the request and the switch.
         async with self._lock:
+            rt = self._service_arg(request)
+            message = self._operator_change(rt, command, request)
+            log.info("%s (uid %d)", message, peer.uid)
             decision = sel.select(
                 rt.candidates(), current=rt.active, now=self.monotonic(), drained=rt.drained,
                 pin=rt.pin, failback=rt.service.failback,
                 preempt_delay=rt.service.preempt_delay,
             )
             if not await self._commit(rt, decision):
-                raise RequestError(f"{name}: the firewall refused the change; see the log")
+                raise RequestError(
+                    f"{rt.service.name}: the firewall refused the change; see the log"
+                )
             self._save_state()
         return {"message": message, "active": rt.active}
