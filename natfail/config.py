@@ -355,6 +355,16 @@ def load_key_file(path: Path | str) -> bytes:
         raise KeyFileError(path, f"content {exc}") from None
 
 
+def _too_open(mode: int) -> str | None:
+    """Why a secret's permissions are refused, as ssh refuses a private key
+    that anyone but its owner may touch: a key another local user can read
+    lets them impersonate the probe, one they can write lets them swap it."""
+    if mode & 0o077:
+        return (f"permissions {stat.S_IMODE(mode):04o} are too open: a key must not be "
+                "accessible by group or others (chmod 600)")
+    return None
+
+
 def _read_small_file(path: Path) -> bytes:
     # O_NONBLOCK: a FIFO in place of a key file must not hang check-config.
     try:
@@ -366,8 +376,13 @@ def _read_small_file(path: Path) -> bytes:
     except (OSError, ValueError) as exc:
         raise KeyFileError(path, f"cannot be opened: {_os_reason(exc)}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        # fstat of the descriptor we read, so the checked file is the read one.
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
             raise KeyFileError(path, "is not a regular file")
+        problem = _too_open(mode)
+        if problem is not None:
+            raise KeyFileError(path, problem)
         chunks: list[bytes] = []
         size = 0
         while size <= _KEY_FILE_LIMIT:

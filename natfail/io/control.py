@@ -57,7 +57,12 @@ class RequestError(Exception):
 Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
 
 
-def _supplementary_groups(pid: int) -> frozenset[int]:
+# SO_PEERGROUPS (Linux 4.13) is not named by Python's socket module.
+SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+_GROUPS_BUFFER: Final = 1024  # Python's getsockopt limit: 256 groups
+
+
+def _proc_groups(pid: int) -> frozenset[int]:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
             for line in status:
@@ -68,10 +73,21 @@ def _supplementary_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
+def _peer_groups(sock: socket.socket, pid: int) -> frozenset[int]:
+    """The peer's supplementary groups, from the kernel: /proc alone would not
+    do, since the unit's ProtectProc=invisible hides other users' processes."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GROUPS_BUFFER)
+    except OSError:  # more than 256 groups, or an old kernel
+        return _proc_groups(pid)
+    count = len(raw) // 4
+    return frozenset(struct.unpack(f"{count}I", raw[: 4 * count]))
+
+
 def peer_of(sock: socket.socket) -> Peer:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid, _supplementary_groups(pid))
+    return Peer(pid, uid, gid, _peer_groups(sock, pid))
 
 
 def error_reply(message: str, code: int = 1) -> dict[str, Any]:

@@ -187,3 +187,42 @@ def test_socket_comes_from_the_config(tmp_path: Path) -> None:
     conf.write_text(f'[daemon]\nsocket = "{tmp_path / "x.sock"}"\n' + conf.read_text())
     proc = run_ctl("-c", str(conf), "status")
     assert proc.returncode == 3 and str(tmp_path / "x.sock") in proc.stderr
+
+
+# --------------------------------------------------------------------------
+# secrets: a key file others may read is refused, as ssh refuses one
+
+
+def test_check_config_and_daemon_refuse_a_group_readable_key(tmp_path: Path) -> None:
+    conf = write_valid(tmp_path)
+    key_file = tmp_path / "probe.key"
+    secret = key_file.read_text().strip()
+    key_file.chmod(0o640)
+    for proc in (run_ctl("check-config", str(conf)),
+                 subprocess.run([sys.executable, "-m", "natfail", "-c", str(conf)],
+                                capture_output=True, text=True, timeout=30, check=False)):
+        assert proc.returncode == 2, proc
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert str(key_file) in lines[0] and "permissions 0640 are too open" in lines[0]
+        assert secret not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("option", ["--probe-key-file", "--psk-file"])
+def test_probe_refuses_a_world_readable_key(tmp_path: Path, option: str) -> None:
+    good = tmp_path / "good.key"
+    good.write_text(KEY + "\n")
+    good.chmod(0o600)
+    loose = tmp_path / "loose.key"
+    loose.write_text(KEY + "\n")
+    loose.chmod(0o644)
+    argv = ["probe", "127.0.0.1:9", "--server-key", KEY, "--probe-key-file", str(good)]
+    argv += [option, str(loose)]
+    proc = run_ctl(*argv)
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(loose) in lines[0] and "permissions 0644 are too open" in lines[0]
+    assert "Traceback" not in proc.stderr
+    # the key is public test data here, yet the message must not quote a file's content
+    assert KEY not in proc.stderr

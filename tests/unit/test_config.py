@@ -652,6 +652,12 @@ def write_config(tmp_path: Path, *, service_extra: str = "", probe_extra: str = 
     return load(path)
 
 
+def write_key(path: Path, content: bytes | str, mode: int = 0o600) -> None:
+    """A key file with the owner-only permissions check_files demands."""
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    path.chmod(mode)
+
+
 def test_check_files_missing_probe_key(tmp_path: Path) -> None:
     conf = write_config(tmp_path)
     assert check_files(conf) == [
@@ -673,7 +679,7 @@ def test_check_files_missing_probe_key(tmp_path: Path) -> None:
 )
 def test_check_files_bad_probe_key(tmp_path: Path, content: bytes, reason: str) -> None:
     conf = write_config(tmp_path)
-    (tmp_path / "probe.key").write_bytes(content)
+    write_key(tmp_path / "probe.key", content)
     (problem,) = check_files(conf)
     assert problem.startswith(f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: ")
     assert reason in problem
@@ -685,8 +691,8 @@ def test_check_files_bad_probe_key(tmp_path: Path, content: bytes, reason: str) 
 def test_check_files_good_keys(tmp_path: Path) -> None:
     psk = base64.b64encode(b"\x01" * 32).decode()
     conf = write_config(tmp_path, service_extra='preshared_key_file = "psk"\nnotify = "hook"')
-    (tmp_path / "probe.key").write_text(f"\n  {KEY}  \n")
-    (tmp_path / "psk").write_text(psk + "\n")
+    write_key(tmp_path / "probe.key", f"\n  {KEY}  \n")
+    write_key(tmp_path / "psk", psk + "\n")
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o755)
@@ -696,8 +702,8 @@ def test_check_files_good_keys(tmp_path: Path) -> None:
 
 def test_check_files_psk_and_notify(tmp_path: Path) -> None:
     conf = write_config(tmp_path, service_extra='preshared_key_file = "psk"\nnotify = "hook"')
-    (tmp_path / "probe.key").write_text(KEY + "\n")
-    (tmp_path / "psk").write_text(SHORT_KEY + "\n")
+    write_key(tmp_path / "probe.key", KEY + "\n")
+    write_key(tmp_path / "psk", SHORT_KEY + "\n")
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o644)
@@ -747,6 +753,29 @@ def test_check_files_service_probe_key(tmp_path: Path) -> None:
     assert check_files(conf) == [
         f"{conf.path}: service[0].probe.private_key_file: {tmp_path / 'own.key'}: does not exist"
     ]
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o644, 0o604, 0o620, 0o602, 0o660, 0o666])
+def test_check_files_refuses_keys_open_to_others(tmp_path: Path, mode: int) -> None:
+    psk = base64.b64encode(b"\x01" * 32).decode()
+    conf = write_config(tmp_path, service_extra='preshared_key_file = "psk"')
+    write_key(tmp_path / "probe.key", KEY + "\n", mode)
+    write_key(tmp_path / "psk", psk + "\n", mode)
+    too_open = (f"permissions {mode:04o} are too open: a key must not be accessible by "
+                "group or others (chmod 600)")
+    assert check_files(conf) == [
+        f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: {too_open}",
+        f"{conf.path}: service[0].preshared_key_file: {tmp_path / 'psk'}: {too_open}",
+    ]
+    for problem in check_files(conf):
+        assert KEY not in problem and psk not in problem
+    with pytest.raises(ValueError, match="too open"):
+        load_key_file(tmp_path / "probe.key")
+    # owner-only modes, read-only included, are accepted
+    for good in (0o600, 0o400):
+        (tmp_path / "probe.key").chmod(good)
+        (tmp_path / "psk").chmod(good)
+        assert check_files(conf) == []
 
 
 def test_load_key_file_errors_are_value_errors(tmp_path: Path) -> None:

@@ -730,3 +730,47 @@ def test_a_ruleset_change_event_triggers_reconcile(rig: Rig) -> None:
             await until(lambda: dnat_of(rig.dp.installed) == A)
 
     asyncio.run(main())
+
+
+def test_keys_stay_out_of_logs_status_and_errors(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key file that became readable by others is refused on reload with one
+    line naming the file; no key, in any spelling, reaches a log line, the
+    status or an error."""
+    psk = base64.b64encode(os.urandom(32)).decode()
+    (rig.tmp / "probe.psk").write_text(psk + "\n")
+    (rig.tmp / "probe.psk").chmod(0o600)
+    text = rig.text().replace("server_public_key",
+                              f'preshared_key_file = "{rig.tmp}/probe.psk"\nserver_public_key')
+    probe_key = (rig.tmp / "probe.key").read_text().strip()
+    secrets = [probe_key, psk]
+    secrets += [base64.b64decode(s).hex() for s in secrets]
+
+    async def main() -> list[str]:
+        outputs: list[str] = []
+        async with running(rig.daemon(text=text)) as d:
+            await up_on_a(rig, d)
+            outputs.append(json.dumps(d.status()))
+            for path in (rig.tmp / "probe.key", rig.tmp / "probe.psk"):
+                path.chmod(0o644)
+                with pytest.raises(RequestError) as refused:
+                    await d._handle({"command": "reload"}, ROOT)
+                assert refused.value.code == 2
+                message = str(refused.value)
+                assert str(path) in message and "too open" in message
+                assert len(message.splitlines()) == 1
+                outputs.append(message)
+                path.chmod(0o600)
+            outputs.append(await d.reload())
+            outputs.append(json.dumps(d.status()))
+        return outputs
+
+    with caplog.at_level(logging.DEBUG):
+        outputs = asyncio.run(main())
+    outputs.append(caplog.text)
+    outputs += [str(r.args) for r in caplog.records]
+    outputs += rig.notifier.lines
+    for secret in secrets:
+        for out in outputs:
+            assert secret not in out

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from natfail.config import Endpoint
 from natfail.core import noise
@@ -203,3 +205,30 @@ def test_corrupt_timestamp_file_starts_from_the_clock(tmp_path: Path, content: b
     first = clock.next()
     assert clock.next() > first
     assert path.read_bytes() == clock.last
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.one_of(
+    st.binary(max_size=200),
+    # the sizes and first byte of real messages, the rest random
+    st.sampled_from([1, 2, 3, 4]).flatmap(
+        lambda t: st.sampled_from([32, 64, 92, 148]).flatmap(
+            lambda n: st.binary(min_size=n - 1, max_size=n - 1).map(
+                lambda rest: bytes([t]) + rest))),
+), max_size=5))
+def test_random_datagrams_are_only_ignored(tmp_path: Path, junk: list[bytes]) -> None:
+    """Whatever arrives before the real response is counted and dropped: the
+    probe neither fails nor raises, and the real response still counts."""
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        real = _answer(responder)
+        server, _, target = await _serve(lambda data, source: [*junk, *real(data, source)])
+        try:
+            result = await transport.probe(keys, target, 1.0)
+        finally:
+            server.close()
+        assert result.up, result
+        assert result.invalid_replies <= len(junk)
+
+    asyncio.run(main())
