@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import machine as machine_info  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST  # noqa: E402
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> int:
     last = rows[-1]
     result = {
         "what": "remove one backend's UDP flows; as many flows of another backend stay",
-        "machine": {"python": platform.python_version(), "kernel": platform.release()},
+        "machine": machine_info(),
         "shell_way": "conntrack -D -p udp --orig-port-dst 51820",
         "rows": rows,
         "target": "100k flows: natfail at most 0.2 of the shell way's time",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from common import machine as machine_info  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 
 from natfail.config import Backend, Endpoint, ProbeSettings, Service  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> int:
     try:
         result = {
             "what": "one apply() swapping 2 services (IPv4 + IPv6) to the other backend",
-            "machine": {"python": platform.python_version(), "kernel": platform.release()},
+            "machine": machine_info(),
             "nftables": measure(nft, args.n),
             "iptables": measure(ipt, max(50, args.n // 10)),
             "target": {"nftables_median_ms_below": TARGET_NFT_MS},

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit"), str(ROOT / "bench")]
 
+from common import machine as machine_info  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
     X25519PrivateKey,
     X25519PublicKey,
@@ -164,7 +165,7 @@ def main() -> int:
         "rounds": args.rounds,
         "clock": "time.process_time, best of rounds",
         "python": platform.python_version(),
-        "machine": platform.machine(),
+        "machine": machine_info(),
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,7 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from common import machine as machine_info  # noqa: E402
 
 from natfail.lab import Lab, wait_until  # noqa: E402
 
@@ -72,7 +73,7 @@ def main() -> None:
     result = {
         "what": "start of `nft flush ruleset` in the gateway -> natfail's table back "
                 "(upper bound: includes starting nft)",
-        "machine": {"python": platform.python_version(), "kernel": platform.release()},
+        "machine": machine_info(),
         "flushes": len(samples),
         "median_ms": round(statistics.median(samples), 2),
         "p99_ms": round(samples[min(len(samples) - 1, int(len(samples) * 0.99))], 2),

@@ -1,0 +1,205 @@
+"""Draws the plots of docs/images/ from bench/results/*.json (matplotlib, Agg backend).
+
+Usage: .venv/bin/python bench/plot.py   (a missing results file skips its plot)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+IMAGES = ROOT / "docs" / "images"
+DPI = 110
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        print(f"plot: {path.relative_to(ROOT)} missing, skipped", file=sys.stderr)
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def machine_line(data: dict[str, Any]) -> str:
+    m = data.get("machine")
+    if isinstance(m, dict):
+        return f"{m.get('cpu')}, {m.get('cores')} cores, Linux {m.get('kernel')}"
+    return ""
+
+
+def save(fig: Any, name: str, data: dict[str, Any]) -> None:
+    fig.text(0.99, 0.01, machine_line(data), ha="right", va="bottom", fontsize=7, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / name, dpi=DPI)
+    plt.close(fig)
+    print(f"wrote docs/images/{name}")
+
+
+def failover(data: dict[str, Any]) -> None:
+    keys = ("outage_ms", "detected_ms", "swapped_ms", "swap_ms", "conntrack_cleanup_ms")
+    rows = [r for r in data["rows"] if all(r.get(k) is not None for k in keys)]
+    kills = [r["kill"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), height_ratios=(1, 1))
+    det = [r["detected_ms"] / 1000 for r in rows]
+    swp = [(r["swapped_ms"] - r["detected_ms"]) / 1000 for r in rows]
+    rest = [(r["outage_ms"] - r["swapped_ms"]) / 1000 for r in rows]
+    top.bar(kills, det, color="#d62728", label="kill → failure detected (probes)")
+    top.bar(kills, swp, bottom=det, color="#ff7f0e",
+            label="detected → rules swapped + conntrack cleaned")
+    top.bar(kills, rest, bottom=[d + s for d, s in zip(det, swp, strict=True)],
+            color="#1f77b4", alpha=0.55, label="swapped → client's tunnel back (WireGuard)")
+    top.set_ylabel("seconds after the kill")
+    top.set_xlabel("kill (alternating a and b)")
+    top.set_xticks(kills)
+    p = data["probe"]
+    top.set_title(f"Failover timeline over {len(rows)} kills (probe every {p['interval']} s, "
+                  f"timeout {p['timeout']} s, rise {p['rise']}, fall {p['fall']}; "
+                  "client pings every 50 ms)", fontsize=9)
+    top.set_ylim(0, max(r["outage_ms"] for r in rows) / 1000 * 1.4)
+    top.legend(fontsize=8, loc="upper center", ncol=2)
+    bottom.plot(kills, [r["detected_ms"] for r in rows], "o-", color="#d62728",
+                label="failure detected (ms after kill)")
+    bottom.plot(kills, [r["swapped_ms"] for r in rows], "s-", color="#ff7f0e",
+                label="swap done (ms after kill)")
+    bottom.set_ylabel("ms after the kill")
+    bottom.set_xlabel("kill")
+    bottom.set_xticks(kills)
+    ax2 = bottom.twinx()
+    ax2.plot(kills, [r["swap_ms"] for r in rows], "^--", color="#2ca02c",
+             label="swap transaction (ms, right)")
+    ax2.plot(kills, [r["conntrack_cleanup_ms"] for r in rows], "v--", color="#9467bd",
+             label="conntrack cleanup (ms, right)")
+    ax2.set_ylabel("duration, ms")
+    ax2.set_ylim(0, max(max(r["swap_ms"], r["conntrack_cleanup_ms"]) for r in rows) * 1.7)
+    bottom.set_ylim(0, max(r["swapped_ms"] for r in rows) * 1.7)
+    lines = bottom.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    bottom.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center",
+                  ncol=2)
+    bottom.set_title("The daemon's part, zoomed in", fontsize=9)
+    save(fig, "failover-timeline.png", data)
+
+
+def conntrack(data: dict[str, Any]) -> None:
+    rows = data["rows"]
+    flows = [r["flows"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    nat = [r["natfail"]["seconds"] * 1000 for r in rows]
+    sh = [r["shell"]["seconds"] * 1000 for r in rows]
+    ax.plot(flows, nat, "o-", label="natfail (filtered netlink flush)")
+    ax.plot(flows, sh, "s-", label=f"shell: {data.get('shell_way', 'conntrack -D')}")
+    for x, y in zip(flows, nat, strict=True):
+        ax.annotate(f"{y:.0f} ms", (x, y), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=8)
+    for x, y in zip(flows, sh, strict=True):
+        ax.annotate(f"{y:.0f} ms", (x, y), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(min(nat + sh) / 2.5, max(nat + sh) * 2.5)
+    ax.set_xlim(min(flows) / 1.6, max(flows) * 1.6)
+    ax.set_xlabel("flows of the dead backend (as many other flows stay)")
+    ax.set_ylabel("time to remove them, ms")
+    ax.set_title("Conntrack removal of one backend's flows")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    save(fig, "conntrack-removal.png", data)
+
+
+def swap(data: dict[str, Any]) -> None:
+    names = [n for n in ("nftables", "iptables") if n in data]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = [("median_ms", "median"), ("p99_ms", "p99"), ("max_ms", "max")]
+    width = 0.25
+    for i, (key, label) in enumerate(keys):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        vals = [data[n][key] for n in names]
+        bars = ax.bar(xs, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{n}\n({data[n]['swaps']} swaps)" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylim(0.1, max(data[n]["max_ms"] for n in names) * 3)
+    ax.set_ylabel("ms per swap (log scale)")
+    ax.set_title(f"Swap latency per dataplane: {data.get('what', '')}", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "swap-latency.png", data)
+
+
+def probe(data: dict[str, Any]) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), width_ratios=(1.4, 1))
+    parts = [("build_initiation_us", "build initiation"),
+             ("consume_response_us", "consume response"),
+             ("probe_us", "whole probe")]
+    vals = [data[k] for k, _ in parts]
+    bars = left.barh([label for _, label in parts], vals, color=["#1f77b4", "#ff7f0e", "#2ca02c"])
+    left.bar_label(bars, fmt="%.0f µs", fontsize=8)
+    left.axvline(data["target_us"], color="red", ls="--", lw=1,
+                 label=f"target {data['target_us']:.0f} µs")
+    left.set_xlabel("CPU µs (best of rounds)")
+    left.set_title("CPU cost of one probe", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    left.set_xlim(0, max(vals) * 1.3)
+    per_core = data["backends_per_core_at_1hz"]
+    intervals = [0.5, 1.0, 2.0]
+    bars = right.bar([f"every {i:g} s" for i in intervals], [per_core * i for i in intervals],
+                     color="#9467bd")
+    right.bar_label(bars, fmt="%.0f", fontsize=8)
+    right.set_ylabel("backends one core can probe")
+    right.set_title("Backends per core (probe interval)", fontsize=10)
+    save(fig, "probe-cost.png", data)
+
+
+def nginx(data: dict[str, Any]) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 4.2))
+    t = data["throughput"]
+    modes = [("direct", "direct\n(routed, no NAT)"), ("natfail", "natfail\n(kernel DNAT)"),
+             ("nginx", "NGINX stream\n(UDP proxy)")]
+    vals = [t[m]["mbit_s"] for m, _ in modes]
+    bars = left.bar([label for _, label in modes], vals, color=["grey", "#2ca02c", "#d62728"])
+    left.bar_label(bars, fmt="%.0f Mbit/s", fontsize=8)
+    left.set_ylabel("iperf3 TCP through the WireGuard tunnel, Mbit/s")
+    left.set_title("Throughput", fontsize=10)
+    o = data["outage"]
+    cap = o["nginx"]["cap_s"]
+    names = ["natfail", "nginx"]
+    secs = [(o[n]["outage_ms"] / 1000) if not o[n]["capped"] else cap for n in names]
+    bars = right.bar(["natfail", "NGINX stream"], secs, color=["#2ca02c", "#d62728"],
+                     hatch=["", "//" if o["nginx"]["capped"] else ""])
+    right.bar_label(bars, labels=[o[n]["shown"] for n in names], fontsize=8)
+    right.set_ylabel("seconds from the kill to the first ping reply")
+    right.set_title("Client's outage when the primary dies", fontsize=10)
+    right.set_ylim(0, max(secs) * 1.2)
+    save(fig, "nginx-vs-natfail.png", data)
+
+
+def main() -> int:
+    plots = [("failover", failover), ("conntrack", conntrack), ("dataplane", swap),
+             ("probe", probe), ("nginx", nginx)]
+    failed = 0
+    for name, draw in plots:
+        data = load(name)
+        if data is None:
+            failed += 1
+            continue
+        try:
+            draw(data)
+        except (KeyError, TypeError, ZeroDivisionError) as e:
+            print(f"plot: {name}: {e!r}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
