@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit"), str(ROOT / "bench")]
 
+from common import cpu_model  # noqa: E402
 from common import machine as machine_info  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
     X25519PrivateKey,
@@ -166,7 +167,7 @@ def main() -> int:
         "clock": "time.process_time, best of rounds",
         "python": platform.python_version(),
         "machine": machine_info(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -192,16 +193,6 @@ def main() -> int:
         print(f"  {name}: {us:.2f} us")
     print(f"written to {RESULTS.relative_to(ROOT)}")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
