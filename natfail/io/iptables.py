@@ -259,10 +259,13 @@ def _serve(family: int, conn: Any, parent_end: Any) -> None:
         except EOFError:
             return
         try:
-            conn.send(("ok", getattr(impl, name)(*args)))
+            reply: tuple[str, Any] = ("ok", getattr(impl, name)(*args))
         except BaseException as e:
-            conn.send(("err", DataplaneError(_one_line(e))
-                       if not isinstance(e, DataplaneError) else e))
+            reply = ("err", e if isinstance(e, DataplaneError) else DataplaneError(_one_line(e)))
+        try:
+            conn.send(reply)
+        except OSError:  # the daemon is gone (killed): nobody to answer, end quietly
+            return
 
 
 class _FamilyProcess:

@@ -2,13 +2,14 @@
 
 Every case ends the same way: the tunnel works, and the gateway's conntrack
 table holds no client flow towards a backend other than the active one (a
-stale entry is what keeps clients on a dead server). nftables dataplane;
-iptables shares the daemon logic and has its own tests in test_daemon.py."""
+stale entry is what keeps clients on a dead server). Every case runs with
+nftables; the cases that touch the rules themselves run with iptables too."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -26,9 +27,17 @@ from tests.netns.gateway import Gateway
 STREAM = Path(__file__).with_name("stream.py")
 
 
+BOTH = pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+
+
 @pytest.fixture
-def gw(fresh: Lab) -> Iterator[Gateway]:
-    gateway = Gateway(fresh, "nftables")
+def firewall() -> str:
+    return "nftables"
+
+
+@pytest.fixture
+def gw(fresh: Lab, firewall: str) -> Iterator[Gateway]:
+    gateway = Gateway(fresh, firewall)
     gateway.remove_rules()
     (fresh.dir / "state" / "state.json").unlink(missing_ok=True)
     gateway.start()
@@ -70,13 +79,18 @@ def tunnel_ends_up_working(gw: Gateway) -> None:
 
 
 def dnat_targets(gw: Gateway) -> list[str]:
-    """The backends natfail's DNAT map sends the public endpoint to (one element per
-    target)."""
+    """The backends natfail's DNAT sends the public endpoint to (one element of the
+    map, or one iptables rule, per target)."""
+    by_ip = {b.v4: b.name for b in gw.lab.backends}
+    if gw.firewall == "iptables":
+        rules = gw.lab.exec(gw.lab.gateway, ["iptables-legacy", "-t", "nat", "-S",
+                                             "NATFAIL-PRE"]).stdout
+        targets = re.findall(r"--to-destination (\S+):\d+", rules)
+        return [by_ip.get(ip, ip) for ip in targets]
     out = gw.lab.exec(gw.lab.gateway, ["nft", "-j", "list", "map", "inet", "natfail",
                                        "dnat4"]).stdout
     elements = next(item["map"] for item in json.loads(out)["nftables"]
                     if "map" in item).get("elem", [])
-    by_ip = {b.v4: b.name for b in gw.lab.backends}
     return [by_ip.get(str(target), str(target)) for _key, target in elements]
 
 
@@ -110,6 +124,7 @@ def test_active_flaps_with_sticky_failback_moves_at_most_once(gw: Gateway) -> No
     tunnel_ends_up_working(gw)
 
 
+@BOTH
 def test_every_backend_down_keeps_the_last_rule(gw: Gateway) -> None:
     lab = gw.lab
     lab.backend("b").stop()
@@ -147,6 +162,7 @@ def test_backend_with_the_wrong_key_is_down_and_says_why(gw: Gateway) -> None:
     tunnel_ends_up_working(gw)
 
 
+@BOTH
 def test_cut_path_to_the_active_fails_over(gw: Gateway) -> None:
     lab = gw.lab
     a = lab.backend("a")
@@ -162,6 +178,7 @@ def test_cut_path_to_the_active_fails_over(gw: Gateway) -> None:
         lab.exec(a, ["nft", "delete", "table", "ip", "cut"], check=False)
 
 
+@BOTH
 def test_sigkill_in_the_middle_of_a_switch_converges(gw: Gateway) -> None:
     lab = gw.lab
     assert lab.client_ping(count=1, timeout=3) or tunnel_ends_up_working(gw) is None
