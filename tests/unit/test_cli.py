@@ -32,22 +32,7 @@ def write_valid(tmp_path: Path, *, with_key: bool = True) -> Path:
         key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
         key_file.chmod(0o600)
     conf = tmp_path / "natfail.toml"
-    conf.write_text(
-        f"""
-[probe]
-private_key_file = "{key_file}"
-
-[[service]]
-name = "wg0"
-public = "203.0.113.10:51820"
-server_public_key = "{KEY}"
-
-[[service.backend]]
-name = "a"
-address = "10.0.0.2:51820"
-priority = 100
-"""
-    )
+    conf.write_text(f'[probe]\nprivate_key_file = "{key_file}"\n\n' + test_config.MINIMAL)
     return conf
 
 
