@@ -40,6 +40,8 @@ class ProbeResult:
     """Seconds from the initiation to the reply that decided, when one did."""
     invalid_replies: int = 0
     detail: str = ""
+    sent_at: float | None = None
+    """The transport's monotonic clock when the initiation left, if it did."""
 
     @property
     def rtt_ms(self) -> float | None:
@@ -62,22 +64,26 @@ class _Exchange(asyncio.DatagramProtocol):
     """One initiation's replies: the first decisive one wins, invalid ones
     are counted, anything after the decision is ignored."""
 
-    def __init__(
-        self,
-        keys: noise.Keys,
-        handshake: noise.Handshake,
-        monotonic: Callable[[], float],
-    ) -> None:
+    def __init__(self, keys: noise.Keys, monotonic: Callable[[], float]) -> None:
         self.keys = keys
-        self.handshake = handshake
+        # Set just before the initiation leaves; anything earlier cannot
+        # be an answer to it.
+        self.handshake: noise.Handshake | None = None
         self.monotonic = monotonic
         self.invalid = 0
-        self.done: asyncio.Future[tuple[noise.Result | OSError, float]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[tuple[noise.Result | OSError, float]] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         if self.done.done():
+            return
+        if self.handshake is None:
+            self.invalid += 1
             return
         now = self.monotonic()
         result = noise.consume(self.handshake, self.keys, data, now)
@@ -106,15 +112,18 @@ class UdpProbeTransport:
         self._cookies: dict[tuple[bytes, Endpoint], tuple[noise.Cookie, tuple[str, int]]] = {}
         self._last_sent: dict[Endpoint, float] = {}
 
-    async def _respect_gap(self, target: Endpoint) -> None:
-        # The slot is taken before sleeping, so concurrent probes of one
-        # backend queue up 20 ms apart instead of all waking together.
-        now = self._monotonic()
-        last = self._last_sent.get(target)
-        slot = now if last is None else max(now, last + MIN_INITIATION_GAP)
-        self._last_sent[target] = slot
-        if slot > now:
-            await asyncio.sleep(slot - now)
+    async def _wait_for_slot(self, target: Endpoint) -> float:
+        """Return once an initiation to `target` may leave, with the time.
+
+        The caller must send without awaiting in between: the gap is kept
+        between actual sends, and concurrent probes that wake together
+        simply wait again for the next slot."""
+        while True:
+            now = self._monotonic()
+            last = self._last_sent.get(target)
+            if last is None or now >= last + MIN_INITIATION_GAP:
+                return now
+            await asyncio.sleep(last + MIN_INITIATION_GAP - now)
 
     def _fresh_cookie(
         self, key: tuple[bytes, Endpoint], now: float
@@ -128,17 +137,12 @@ class UdpProbeTransport:
         return held
 
     async def probe(self, keys: noise.Keys, target: Endpoint, timeout: float) -> ProbeResult:
-        await self._respect_gap(target)
         cookie_key = (keys.server_public_key, target)
-        now = self._monotonic()
-        cookie, local = self._fresh_cookie(cookie_key, now)
-        message, handshake = noise.new_initiation(
-            keys, timestamp=self._clock.next(), cookie=cookie, now=now
-        )
+        cookie, local = self._fresh_cookie(cookie_key, self._monotonic())
         loop = asyncio.get_running_loop()
 
         def exchange_factory() -> _Exchange:
-            return _Exchange(keys, handshake, self._monotonic)
+            return _Exchange(keys, self._monotonic)
 
         remote = (str(target.ip), target.port)
         try:
@@ -151,29 +155,43 @@ class UdpProbeTransport:
                     raise
                 # The cookie's port is taken: a cookie reply will come again.
                 self._cookies.pop(cookie_key, None)
+                cookie = None
                 transport, exchange = await loop.create_datagram_endpoint(
                     exchange_factory, remote_addr=remote
                 )
         except OSError as exc:
             return ProbeResult(False, _classify_oserror(exc), detail=exc.strerror or "")
         try:
+            slot = await self._wait_for_slot(target)
+            # No await from here to sendto: this initiation's timestamp must
+            # be the newest one sent to the backend, and its send time the
+            # one the next probe's gap is measured from.
+            message, exchange.handshake = noise.new_initiation(
+                keys, timestamp=self._clock.next(), cookie=cookie, now=slot
+            )
             sent_at = self._monotonic()
+            self._last_sent[target] = sent_at
             transport.sendto(message)
             try:
                 outcome, at = await asyncio.wait_for(asyncio.shield(exchange.done), timeout)
             except asyncio.TimeoutError:
                 reason = INVALID if exchange.invalid else TIMEOUT
-                return ProbeResult(False, reason, invalid_replies=exchange.invalid)
+                return ProbeResult(
+                    False, reason, invalid_replies=exchange.invalid, sent_at=sent_at
+                )
         finally:
             transport.close()
+            # asyncio closes the socket a loop turn later; wait for it, so
+            # that a cookie's port is free again for the next probe.
+            await asyncio.shield(exchange.closed)
         if isinstance(outcome, OSError):
             return ProbeResult(
                 False, _classify_oserror(outcome), invalid_replies=exchange.invalid,
-                detail=outcome.strerror or "",
+                detail=outcome.strerror or "", sent_at=sent_at,
             )
         rtt = at - sent_at
         if isinstance(outcome, noise.CookieReceived):
             sockname = transport.get_extra_info("sockname")
             self._cookies[cookie_key] = (outcome.cookie, (str(sockname[0]), int(sockname[1])))
-            return ProbeResult(True, UNDER_LOAD, rtt, exchange.invalid)
-        return ProbeResult(True, UP, rtt, exchange.invalid)
+            return ProbeResult(True, UNDER_LOAD, rtt, exchange.invalid, sent_at=sent_at)
+        return ProbeResult(True, UP, rtt, exchange.invalid, sent_at=sent_at)
