@@ -33,14 +33,16 @@ about 110 us to build one initiation and about 33 us to dissect one response
 Cost. Everything that depends only on the keys is computed once in ``Keys``:
 the initial chaining key and hash mixed with the server key, the three
 MAC/cookie keys, and the static-static DH (as wireguard-go's
-``precomputedStaticStatic``). A probe then costs one X25519 key generation
-and three X25519 exchanges, three ChaCha20-Poly1305 calls, 18 HMAC-BLAKE2s
-and a handful of BLAKE2s. HMAC-BLAKE2s is written out over ``hashlib``
+``precomputedStaticStatic``). A probe then costs one X25519 fixed-base
+multiplication (the ephemeral public key) and three X25519 DHs, three
+ChaCha20-Poly1305 calls, 18 HMAC-BLAKE2s and a handful of BLAKE2s. X25519
+comes from libsodium (PyNaCl): its fixed-base multiplication takes about
+18 us here against 36 us for OpenSSL's key generation, the DHs cost the
+same (about 33 us) in both. HMAC-BLAKE2s is written out over ``hashlib``
 (pads by ``bytes.translate``) because ``hmac.new`` costs about 3 us per call
-here and ``hmac.digest(..., "blake2s")`` about 4. Measured by
-``bench/bench_probe.py`` on the reference machine: about 165 us per probe
-(build ~84 + consume ~80), of which X25519 alone is about 128 us; the 150 us
-target is missed by roughly 10 %, see bench/results/probe.json.
+here and ``hmac.digest(..., "blake2s")`` about 4. ``bench/bench_probe.py``
+measures the whole probe at about 145 us (build ~64 + consume ~79), of which
+X25519 is about 118 us; see bench/results/probe.json.
 
 Cookies. A backend under load answers with a cookie reply; the cookie is
 MAC(secret, source IP and port of the initiation), so a mac2 made with it is
@@ -57,8 +59,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from nacl.exceptions import RuntimeError as SodiumError
 
 from natfail.core import xchacha
 
@@ -182,43 +185,57 @@ def hmac(key: bytes, data: bytes) -> bytes:
     return _blake2s(block.translate(_OPAD) + inner).digest()
 
 
-def _pads(key32: bytes) -> tuple[bytes, bytes]:
-    block = key32 + _ZERO_KEY
-    return block.translate(_IPAD), block.translate(_OPAD)
+# The KDFs write HMAC out inline: on the probe's hot path (14 KDF calls per
+# probe) the helper calls alone cost a few microseconds.
 
 
 def kdf1(key: bytes, data: bytes) -> bytes:
     """KDF1 of the whitepaper (HKDF with HMAC-BLAKE2s), 32-byte keys."""
-    ipad, opad = _pads(key)
-    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
-    ipad, opad = _pads(t0)
-    return _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
+    b2s, ipad, opad, zero = _blake2s, _IPAD, _OPAD, _ZERO_KEY
+    block = key + zero
+    t0 = b2s(block.translate(opad) + b2s(block.translate(ipad) + data).digest()).digest()
+    block = t0 + zero
+    return b2s(block.translate(opad) + b2s(block.translate(ipad) + b"\x01").digest()).digest()
 
 
 def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
     """KDF2 of the whitepaper."""
-    ipad, opad = _pads(key)
-    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
-    ipad, opad = _pads(t0)
-    t1 = _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
-    t2 = _blake2s(opad + _blake2s(ipad + t1 + b"\x02").digest()).digest()
+    b2s, zero = _blake2s, _ZERO_KEY
+    block = key + zero
+    t0 = b2s(block.translate(_OPAD) + b2s(block.translate(_IPAD) + data).digest()).digest()
+    block = t0 + zero
+    inner, outer = block.translate(_IPAD), block.translate(_OPAD)
+    t1 = b2s(outer + b2s(inner + b"\x01").digest()).digest()
+    t2 = b2s(outer + b2s(inner + t1 + b"\x02").digest()).digest()
     return t1, t2
 
 
 def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     """KDF3 of the whitepaper."""
-    ipad, opad = _pads(key)
-    t0 = _blake2s(opad + _blake2s(ipad + data).digest()).digest()
-    ipad, opad = _pads(t0)
-    t1 = _blake2s(opad + _blake2s(ipad + b"\x01").digest()).digest()
-    t2 = _blake2s(opad + _blake2s(ipad + t1 + b"\x02").digest()).digest()
-    t3 = _blake2s(opad + _blake2s(ipad + t2 + b"\x03").digest()).digest()
+    b2s, zero = _blake2s, _ZERO_KEY
+    block = key + zero
+    t0 = b2s(block.translate(_OPAD) + b2s(block.translate(_IPAD) + data).digest()).digest()
+    block = t0 + zero
+    inner, outer = block.translate(_IPAD), block.translate(_OPAD)
+    t1 = b2s(outer + b2s(inner + b"\x01").digest()).digest()
+    t2 = b2s(outer + b2s(inner + t1 + b"\x02").digest()).digest()
+    t3 = b2s(outer + b2s(inner + t2 + b"\x03").digest()).digest()
     return t1, t2, t3
 
 
 def public_key(private_key: bytes) -> bytes:
     """The X25519 public key of a 32-byte private key (clamped as X25519 does)."""
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+    _check_len("private_key", private_key, KEY_SIZE)
+    return crypto_scalarmult_base(private_key)
+
+
+def dh(private_key: bytes, public: bytes) -> bytes | None:
+    """X25519(private_key, public), or None when the result is all zeros
+    (a low-order point), which WireGuard refuses."""
+    try:
+        return crypto_scalarmult(private_key, public)
+    except SodiumError:
+        return None
 
 
 # --- values -------------------------------------------------------------------
@@ -245,8 +262,6 @@ class Keys:
     preshared_key: bytes = field(default=_ZERO_KEY, repr=False)
     public_key: bytes = field(init=False)
     # Derived once; the hot path reads these.
-    _static: X25519PrivateKey = field(init=False, repr=False, compare=False)
-    _server: X25519PublicKey = field(init=False, repr=False, compare=False)
     _static_static: bytes = field(init=False, repr=False, compare=False)
     _chaining_key: bytes = field(init=False, repr=False, compare=False)
     _hash: bytes = field(init=False, repr=False, compare=False)
@@ -258,20 +273,13 @@ class Keys:
         _check_len("private_key", self.private_key, KEY_SIZE)
         _check_len("server_public_key", self.server_public_key, KEY_SIZE)
         _check_len("preshared_key", self.preshared_key, KEY_SIZE)
-        static = X25519PrivateKey.from_private_bytes(self.private_key)
-        server = X25519PublicKey.from_public_bytes(self.server_public_key)
-        own_public = static.public_key().public_bytes_raw()
-        try:
-            static_static = static.exchange(server)
-        except ValueError:
-            raise ValueError("server_public_key is a low-order point") from None
-        if static_static == _ZERO_KEY:  # pragma: no cover - OpenSSL refuses first
+        own_public = public_key(self.private_key)
+        static_static = dh(self.private_key, self.server_public_key)
+        if static_static is None:
             raise ValueError("server_public_key is a low-order point")
         chaining_key = hash_(CONSTRUCTION)
         setattr_ = object.__setattr__
         setattr_(self, "public_key", own_public)
-        setattr_(self, "_static", static)
-        setattr_(self, "_server", server)
         setattr_(self, "_static_static", static_static)
         setattr_(self, "_chaining_key", chaining_key)
         setattr_(
@@ -308,7 +316,8 @@ class Handshake:
     sender_index: int
     chaining_key: bytes = field(repr=False)
     hash: bytes = field(repr=False)
-    ephemeral: X25519PrivateKey = field(repr=False, compare=False)
+    ephemeral: bytes = field(repr=False, compare=False)
+    """The ephemeral private key."""
     ephemeral_public: bytes
     mac1: bytes
     """The mac1 we sent: the AAD of a cookie reply to this initiation."""
@@ -381,12 +390,13 @@ def build_initiation(
     if cookie is not None and now is None:
         raise ValueError("now is required with a cookie")
 
-    ephemeral = X25519PrivateKey.from_private_bytes(ephemeral_private)
-    e_pub = ephemeral.public_key().public_bytes_raw()
+    e_pub = crypto_scalarmult_base(ephemeral_private)
+    shared = dh(ephemeral_private, keys.server_public_key)
+    assert shared is not None, "Keys refuses a low-order server key"
     # C = KDF1(C, E_pub); H = HASH(H || E_pub); (C, k) = KDF2(C, DH(E_priv, S_pub_r))
     chaining_key = kdf1(keys._chaining_key, e_pub)
     h = _blake2s(keys._hash + e_pub).digest()
-    chaining_key, key = kdf2(chaining_key, ephemeral.exchange(keys._server))
+    chaining_key, key = kdf2(chaining_key, shared)
     encrypted_static = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, keys.public_key, h)
     h = _blake2s(h + encrypted_static).digest()
     # (C, k) = KDF2(C, DH(S_priv_i, S_pub_r)), precomputed in Keys
@@ -409,7 +419,7 @@ def build_initiation(
         message += _blake2s(message, digest_size=MAC_SIZE, key=cookie.value).digest()
     else:
         message += _ZERO_MAC
-    return message, Handshake(sender_index, chaining_key, h, ephemeral, e_pub, mac1)
+    return message, Handshake(sender_index, chaining_key, h, ephemeral_private, e_pub, mac1)
 
 
 def new_initiation(
@@ -456,13 +466,15 @@ def consume_response(handshake: Handshake, keys: Keys, datagram: Datagram) -> Re
     # C = KDF1(C, E_pub_r); H = HASH(H || E_pub_r)
     chaining_key = kdf1(handshake.chaining_key, e_pub_r)
     h = _blake2s(handshake.hash + e_pub_r).digest()
-    try:
-        peer_ephemeral = X25519PublicKey.from_public_bytes(e_pub_r)
-        # C = KDF1(C, DH(E_priv_i, E_pub_r)); C = KDF1(C, DH(S_priv_i, E_pub_r))
-        chaining_key = kdf1(chaining_key, handshake.ephemeral.exchange(peer_ephemeral))
-        chaining_key = kdf1(chaining_key, keys._static.exchange(peer_ephemeral))
-    except ValueError:  # all-zero shared secret: a low-order ephemeral
+    # C = KDF1(C, DH(E_priv_i, E_pub_r)); C = KDF1(C, DH(S_priv_i, E_pub_r))
+    ee = dh(handshake.ephemeral, e_pub_r)
+    if ee is None:  # a low-order ephemeral
         return _EPHEMERAL
+    chaining_key = kdf1(chaining_key, ee)
+    se = dh(keys.private_key, e_pub_r)
+    if se is None:  # pragma: no cover - low order already caught by ee
+        return _EPHEMERAL
+    chaining_key = kdf1(chaining_key, se)
     # (C, tau, k) = KDF3(C, Q); H = HASH(H || tau); empty = AEAD(k, 0, e, H)
     _, tau, key = kdf3(chaining_key, keys.preshared_key)
     h = _blake2s(h + tau).digest()
