@@ -429,16 +429,17 @@ class Daemon:
             raise RequestError(f"reload refused: {exc}", 2) from None
         now = self.monotonic()
         async with self._lock:
-            old_services = {s.name: s for s in self.config.services}
-            removed = [n for n in old_services if n not in keys]
+            # Everything below is undone if the firewall refuses the new rules:
+            # a reload takes effect whole or not at all.
+            old_config, old_runtimes = self.config, dict(self.services)
+            saved = {name: (rt.service, rt.keys, rt.health, rt.active, rt.pin, set(rt.drained))
+                     for name, rt in self.services.items()}
+            removed = [n for n in old_runtimes if n not in keys]
             lost: list[tuple[cfg.Service, str]] = []
             for name in removed:
-                await self._stop_service(name)
                 rt = self.services.pop(name)
                 if rt.active is not None:
                     lost.append((rt.service, rt.active))
-                if self.metrics:
-                    self.metrics.forget(name)
             added: list[ServiceRuntime] = []
             for service in new.services:
                 rt_or_none = self.services.get(service.name)
@@ -465,13 +466,24 @@ class Daemon:
                 if decision.active is not None:
                     rt_lost.active, rt_lost.pin = decision.active, decision.pin
                     moved.append((rt_lost, backend, decision.reason))
-            for rt in added:  # probed even if the firewall refuses the rules below
-                self._start_task(rt)
             started = self.monotonic()
             if not self._apply(self._build(self._actives())):
-                self._save_state()
-                raise RequestError("reload: the firewall refused the new rules; see the log")
+                self.config, self.services = old_config, old_runtimes
+                for name, (service, svc_keys, health, active, pin, drained) in saved.items():
+                    rt = old_runtimes[name]
+                    rt.service, rt.keys, rt.health = service, svc_keys, health
+                    rt.active, rt.pin, rt.drained = active, pin, drained
+                log.error("reload refused, the running config stays: the firewall refused "
+                          "the new rules")
+                raise RequestError("reload refused: the firewall refused the new rules; the "
+                                   "running config stays (see the log)")
             swapped = self.monotonic()
+            for name in removed:
+                await self._stop_service(name)
+                if self.metrics:
+                    self.metrics.forget(name)
+            for rt in added:
+                self._start_task(rt)
             for service, backend in lost:
                 await self._cleanup(service, backend)
             cleaned = self.monotonic()

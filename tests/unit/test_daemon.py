@@ -630,6 +630,32 @@ def test_reload_that_removes_the_active_backend_moves_traffic(rig: Rig) -> None:
     asyncio.run(main())
 
 
+def test_reload_the_firewall_refuses_leaves_the_running_config(rig: Rig) -> None:
+    async def main() -> None:
+        d = rig.daemon()
+        assert isinstance(d, ManualDaemon)
+        async with running(d):
+            rt = await up_on_a(rig, d)
+            config, health, installed = d.config, dict(rt.health), rig.dp.installed
+            rig.calls.clear()
+            rig.write(rig.text(wg1=True, wg0=[("b", 50), ("c", 10)]))
+            rig.dp.fail_next = 1
+            with pytest.raises(RequestError) as refused:
+                await d.reload()
+            assert refused.value.code == 1 and "running config stays" in str(refused.value)
+            assert d.config is config and set(d.services) == {"wg0"}
+            assert d.services["wg0"] is rt and rt.service is config.services[0]
+            assert rt.active == "a" and rt.health == health
+            assert rig.cleanups() == []  # a's flows were not touched
+            assert rig.dp.installed is installed
+            assert d.started == ["wg0"]  # wg1 never started probing
+            # the next probe round finds nothing to change
+            await rounds(d, 1)
+            assert rt.active == "a" and [c for c in rig.calls if c[0] == "apply"] == []
+
+    asyncio.run(main())
+
+
 def test_reload_that_changes_the_active_address_resets_and_moves(rig: Rig) -> None:
     async def main() -> None:
         async with running(rig.daemon()) as d:
@@ -670,26 +696,6 @@ def test_reload_that_adds_a_service_starts_probing_it(rig: Rig) -> None:
             probed = len([p for p in rig.transport.probed if p == D])
             await asyncio.sleep(0.15)
             assert len([p for p in rig.transport.probed if p == D]) == probed
-
-    asyncio.run(main())
-
-
-def test_reload_refused_by_the_firewall_still_probes_added_services(rig: Rig) -> None:
-    async def main() -> None:
-        d = rig.daemon()
-        assert isinstance(d, ManualDaemon)
-        async with running(d):
-            await up_on_a(rig, d)
-            rig.write(rig.text(wg1=True))
-            rig.dp.fail_next = 1
-            with pytest.raises(RequestError, match="firewall refused"):
-                await d.reload()
-            assert "wg1" in d.services
-            assert d.started == ["wg0", "wg1"]
-            # the next round's reconcile installs the new service's rules
-            await rounds(d, 1)
-            assert dnat_of(rig.dp.installed, "wg1") is None
-            assert {s.service for s in rig.dp.installed.snat} == {"wg0", "wg1"}
 
     asyncio.run(main())
 
