@@ -352,6 +352,12 @@ class Daemon:
         while not self._apply(self._build(self._actives())):
             if await self._sleep_or_stop(1.0):
                 return 0
+        # A daemon killed between a swap and its conntrack cleanup leaves
+        # flows pinned to the old backend: only the active one's may stay.
+        for rt in self.services.values():
+            for backend in rt.service.backends:
+                if rt.active is not None and backend.name != rt.active:
+                    await self._cleanup(rt.service, backend.name)
         await self.control.start()
         if self.config.daemon.metrics_listen and self.metrics:
             host, port = cfg.parse_listen(self.config.daemon.metrics_listen)

@@ -54,6 +54,8 @@ def test_failover_within_the_bound(gw: Gateway) -> None:
     assert gw.wait_active("b", 10), gw.logs()
     # The daemon's own log stamp of the switch, not when our polling of
     # `natfailctl status` (a process start each time) happened to see it.
+    # The line comes after the conntrack cleanup, so status may show b first.
+    assert wait_until(lambda: "active backend a -> b" in gw.logs(), 5), gw.logs()
     took = _logged_at(gw.logs(), "active backend a -> b") - killed
     bound = FALL * INTERVAL + TIMEOUT + 0.3
     assert took <= bound, f"switched after {took:.2f} s, bound {bound:.2f} s"
