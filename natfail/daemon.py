@@ -618,16 +618,22 @@ class Daemon:
         # out between the check of the request and the switch.
         async with self._lock:
             rt = self._service_arg(request)
+            pin, drained = rt.pin, set(rt.drained)
             message = self._operator_change(rt, command, request)
-            log.info("%s (uid %d)", message, peer.uid)
             decision = sel.select(
                 rt.candidates(), current=rt.active, now=self.monotonic(), drained=rt.drained,
                 pin=rt.pin, failback=rt.service.failback,
                 preempt_delay=rt.service.preempt_delay,
             )
             if not await self._commit(rt, decision):
+                # Nothing is left behind to happen later without the operator.
+                rt.pin, rt.drained = pin, drained
+                log.error("%s: %s by uid %d refused: the firewall refused the change",
+                          rt.service.name, command, peer.uid)
                 raise RequestError(
-                    f"{rt.service.name}: the firewall refused the change; see the log"
+                    f"{rt.service.name}: the firewall refused the change, nothing changed; "
+                    "see the log"
                 )
+            log.info("%s (uid %d)", message, peer.uid)
             self._save_state()
         return {"message": message, "active": rt.active}

@@ -478,6 +478,26 @@ def test_switch_to_an_up_backend_pins_it(rig: Rig) -> None:
     asyncio.run(main())
 
 
+def test_switch_or_drain_the_firewall_refuses_changes_nothing(rig: Rig) -> None:
+    async def main() -> None:
+        async with running(rig.daemon()) as d:
+            rt = await up_on_a(rig, d)
+            rig.calls.clear()
+            for command in ("switch", "drain"):
+                rig.dp.fail_next = 1
+                with pytest.raises(RequestError) as refused:
+                    await d._handle({"command": command, "service": "wg0", "backend":
+                                     "b" if command == "switch" else "a"}, ROOT)
+                assert refused.value.code == 1 and "nothing changed" in str(refused.value)
+                assert rt.active == "a" and rt.pin is None and rt.drained == set()
+            # and the next round does not carry either out behind the operator's back
+            await rounds(d, 2)
+            assert rt.active == "a"
+            assert [c[0] for c in rig.calls] == ["apply-failed", "apply-failed"]
+
+    asyncio.run(main())
+
+
 def test_switch_refuses_a_drained_backend_even_forced(rig: Rig) -> None:
     async def main() -> None:
         async with running(rig.daemon()) as d:
