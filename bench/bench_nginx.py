@@ -14,10 +14,12 @@ backend's namespace) three ways:
   that one client always reaches the same worker (without it, a client's packets
   spread over the workers, each with its own session and upstream state).
 
-Then the client's outage when the primary dies, under natfail and under NGINX, with
-the same method as bench_failover.py: ping every 50 ms through the tunnel, kill a's
-wireguard-go, time from the kill to the first reply after it. The wait is capped (60 s);
-a capped outage is recorded as ">= 60 s".
+Then the client's outage when the backend carrying the tunnel hangs (SIGSTOP: nothing
+answers, no ICMP error) and when it dies (wireguard-go killed: ICMP port unreachable),
+under natfail and under NGINX, with the same method as bench_failover.py: ping every
+50 ms through the tunnel, time from the fault to the first reply after it. The wait is
+capped (60 s); a capped outage is recorded as ">= 60 s". Before the NGINX part both
+backends restart, so that no WireGuard state of the natfail part carries over.
 
 Writes bench/results/nginx.json. Usage (root): .venv/bin/python bench/bench_nginx.py
 """
@@ -123,24 +125,42 @@ def carrying(lab: Lab, seconds: float = 1.0) -> list[str]:
     return lab.carrying_backends(before)
 
 
-def outage(lab: Lab, victim: LabBackend) -> dict[str, Any]:
+def outage(lab: Lab, victim: LabBackend, how: str) -> dict[str, Any]:
+    """The client's outage when ``victim`` (the backend carrying the tunnel) dies
+    (``kill``: wireguard-go killed, the port answers ICMP unreachable) or hangs
+    (``hang``: SIGSTOP, nothing answers, no ICMP error). A hung victim is resumed
+    after the measurement."""
     pinger = Pinger(lab, 0.05)
     try:
-        if pinger.first_reply_after(time.time(), 10.0) is None:
-            raise RuntimeError("no pings through the tunnel before the kill")
+        if pinger.first_reply_after(time.time(), 20.0) is None:
+            raise RuntimeError(f"{how}: no pings through the tunnel before it")
         time.sleep(1.0)
         killed = time.time()
-        victim.stop()
-        dead = time.time()
-        back = pinger.first_reply_after(dead, OUTAGE_CAP)
+        if how == "kill":
+            victim.stop()
+        else:
+            victim.pause()
+        back = pinger.first_reply_after(time.time(), OUTAGE_CAP)
     finally:
         pinger.stop()
+        if how == "hang":
+            victim.resume()
     return {
+        "victim": victim.name,
+        "how": how,
+        "client_endpoint_after": lab.client_endpoint(),
         "outage_ms": round((back - killed) * 1000, 1) if back else None,
         "capped": back is None,
         "cap_s": OUTAGE_CAP,
         "shown": f"{(back - killed):.1f} s" if back else f">= {OUTAGE_CAP:g} s",
     }
+
+
+def carrier(lab: Lab) -> LabBackend:
+    names = carrying(lab)
+    if len(names) != 1:
+        raise RuntimeError(f"the tunnel is carried by {names}, not by one backend")
+    return lab.backend(names[0])
 
 
 def remove_natfail_tables(lab: Lab) -> list[str]:
@@ -213,15 +233,22 @@ def main() -> int:
                 throughput["natfail"] = iperf(lab, args.seconds)
                 throughput["natfail"]["carried_by"] = carrying(lab)
                 print(f"natfail: {throughput['natfail']['mbit_s']} Mbit/s", flush=True)
-                out_natfail = outage(lab, a)
-                print(f"natfail outage: {out_natfail['shown']}", flush=True)
-                started = time.time()
-                a.start()
-                daemon.wait_log("backend a is up", started, 15)
+                out_natfail = {"hang": outage(lab, carrier(lab), "hang")}
+                print(f"natfail outage, hung backend: {out_natfail['hang']['shown']}",
+                      flush=True)
+                out_natfail["kill"] = outage(lab, carrier(lab), "kill")
+                print(f"natfail outage, killed backend: {out_natfail['kill']['shown']}",
+                      flush=True)
                 daemon.stop()
                 result["natfail_tables_removed"] = remove_natfail_tables(lab)
 
-                # 3. NGINX
+                # 3. NGINX. The backends start afresh: b still holds the session
+                # natfail's failover gave it, and with natfail's SNAT gone its next
+                # keepalive or handshake would reach the client from 10.0.0.3 and
+                # make the client roam there (measured: the tunnel never came back).
+                for x in (a, b):
+                    x.stop()
+                    x.start()
                 conf = nginx_dir / "nginx.conf"
                 conf.write_text(nginx_conf(nginx_dir, a, b))
                 lab.exec(lab.gateway, ["nginx", "-t", "-p", str(nginx_dir), "-e",
@@ -243,9 +270,10 @@ def main() -> int:
                 throughput["nginx"]["carried_by"] = carrying(lab)
                 print(f"nginx:   {throughput['nginx']['mbit_s']} Mbit/s "
                       f"(nginx used {cpu1 - cpu0:.1f} CPU s)", flush=True)
-                out_nginx = outage(lab, a)
-                print(f"nginx outage: {out_nginx['shown']}", flush=True)
-                out_nginx["carried_by_after"] = carrying(lab) if not out_nginx["capped"] else []
+                out_nginx = {"hang": outage(lab, carrier(lab), "hang")}
+                print(f"nginx outage, hung backend: {out_nginx['hang']['shown']}", flush=True)
+                out_nginx["kill"] = outage(lab, carrier(lab), "kill")
+                print(f"nginx outage, killed backend: {out_nginx['kill']['shown']}", flush=True)
                 result["nginx_error_log_tail"] = (
                     (nginx_dir / "error.log").read_text().splitlines()[-40:])
             finally:

@@ -172,15 +172,24 @@ def nginx(data: dict[str, Any]) -> None:
     left.set_ylabel("iperf3 TCP through the WireGuard tunnel, Mbit/s")
     left.set_title("Throughput", fontsize=10)
     o = data["outage"]
-    cap = o["nginx"]["cap_s"]
-    names = ["natfail", "nginx"]
-    secs = [(o[n]["outage_ms"] / 1000) if not o[n]["capped"] else cap for n in names]
-    bars = right.bar(["natfail", "NGINX stream"], secs, color=["#2ca02c", "#d62728"],
-                     hatch=["", "//" if o["nginx"]["capped"] else ""])
-    right.bar_label(bars, labels=[o[n]["shown"] for n in names], fontsize=8)
-    right.set_ylabel("seconds from the kill to the first ping reply")
-    right.set_title("Client's outage when the primary dies", fontsize=10)
-    right.set_ylim(0, max(secs) * 1.2)
+    faults = [("hang", "backend hangs\n(SIGSTOP, no ICMP)"),
+              ("kill", "backend dies\n(killed, ICMP unreachable)")]
+    width = 0.38
+    top = 0.0
+    for i, (name, label, colour) in enumerate((("natfail", "natfail", "#2ca02c"),
+                                                ("nginx", "NGINX stream", "#d62728"))):
+        runs = [o[name][f] for f, _ in faults]
+        secs = [r["cap_s"] if r["capped"] else r["outage_ms"] / 1000 for r in runs]
+        top = max(top, *secs)
+        bars = right.bar([x + (i - 0.5) * width for x in range(len(faults))], secs, width,
+                         color=colour, label=label,
+                         hatch=["//" if r["capped"] else "" for r in runs])
+        right.bar_label(bars, labels=[r["shown"] for r in runs], fontsize=8)
+    right.set_xticks(range(len(faults)), [label for _, label in faults], fontsize=8)
+    right.set_ylabel("seconds from the fault to the first ping reply")
+    right.set_title("Client's outage when the active backend fails", fontsize=10)
+    right.set_ylim(0, top * 1.25)
+    right.legend(fontsize=8, loc="upper right")
     save(fig, "nginx-vs-natfail.png", data)
 
 
