@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import in_ci
+
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "natfail.service"
 MAX_EXPOSURE = 1.8
 
 analyze = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(analyze is None, reason="systemd-analyze is not installed")
+# scripts/setup installs systemd; in CI its absence fails the tests instead of skipping them.
+needs_analyze = pytest.mark.skipif(analyze is None and not in_ci(),
+                                   reason="systemd-analyze is not installed")
 
 
 def _security(unit: Path) -> subprocess.CompletedProcess[str]:
