@@ -62,6 +62,8 @@ from typing import IO, Any, Final, NamedTuple, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from natfail.oneline import one_line
+
 __all__ = [
     "BACKEND_NAMES",
     "CLIENT_TUNNEL_V4",
@@ -204,10 +206,6 @@ def _new_key(directory: Path, name: str) -> WgKey:
 # --- running commands ---------------------------------------------------------------------
 
 
-def _one_line(text: str) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
 def _run(
     argv: Sequence[str],
     *,
@@ -232,7 +230,7 @@ def _run(
     except OSError as e:
         raise LabError(f"{cmd}: {e.strerror or e}", argv) from None
     if check and cp.returncode != 0:
-        detail = _one_line(cp.stderr) or _one_line(cp.stdout) or "no output"
+        detail = one_line(cp.stderr) or one_line(cp.stdout) or "no output"
         raise LabError(f"{cmd}: exit {cp.returncode}: {detail}", argv, cp.returncode)
     return cp
 
@@ -469,7 +467,7 @@ class WgShow:
 def _parse_dump(ifname: str, text: str) -> WgShow:
     lines = [line.split("\t") for line in text.splitlines() if line.strip()]
     if not lines or len(lines[0]) < 3:
-        raise LabError(f"wg show {ifname} dump: unexpected output: {_one_line(text)!r}")
+        raise LabError(f"wg show {ifname} dump: unexpected output: {one_line(text)!r}")
     head = lines[0]
     peers: dict[str, WgPeer] = {}
     for f in lines[1:]:
@@ -570,7 +568,7 @@ class _WgProcess:
         if not self.running or not self.socket.exists():
             tail = ""
             with contextlib.suppress(OSError):
-                tail = _one_line(self.log_path.read_text(errors="replace")[-500:])
+                tail = one_line(self.log_path.read_text(errors="replace")[-500:])
             state = "exited" if not self.running else "has no control socket"
             raise LabError(
                 f"wireguard-go {self.ifname} in {self.ns} {state} after start: {tail or 'no log'}",

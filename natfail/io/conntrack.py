@@ -38,6 +38,7 @@ from typing import Any, Final, Protocol
 
 from natfail.config import Endpoint
 from natfail.core.ruleset import MARK_MASK, is_natfail_mark
+from natfail.oneline import error_line
 
 __all__ = [
     "CleanupResult",
@@ -94,10 +95,6 @@ class Conntrack(Protocol):
         ...
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 class NetlinkConntrack:
     """:class:`Conntrack` over ctnetlink (pyroute2), in the caller's network namespace."""
 
@@ -126,7 +123,7 @@ class NetlinkConntrack:
             # version 0: AF_UNSPEC filter, IPv4 and IPv6 in one walk
             self._socks[4].flush(mark=mark, mark_mask=MARK_MASK)
         except Exception as e:
-            raise ConntrackError(f"conntrack flush by mark {mark:#x}: {_one_line(e)}") from None
+            raise ConntrackError(f"conntrack flush by mark {mark:#x}: {error_line(e)}") from None
 
     def _tuple_msg(self, address: Endpoint, direction: str) -> Any:
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
@@ -161,7 +158,7 @@ class NetlinkConntrack:
             )
         except Exception as e:
             raise ConntrackError(
-                f"conntrack flush of {direction} source {address}: {_one_line(e)}"
+                f"conntrack flush of {direction} source {address}: {error_line(e)}"
             ) from None
 
     def _dump_count(self, **kwargs: Any) -> int:
@@ -191,7 +188,7 @@ class NetlinkConntrack:
                 self.requests += 1
                 n += self._dump_count(sock=sock, **{f"tuple_{direction}": tup})
         except Exception as e:
-            raise ConntrackError(f"conntrack dump: {_one_line(e)}") from None
+            raise ConntrackError(f"conntrack dump: {error_line(e)}") from None
         return n
 
     def _leftover(self, address: Endpoint) -> int:
@@ -210,7 +207,7 @@ class NetlinkConntrack:
                 n += self._dump_count(sock=self._socks[address.family],
                                       **{f"tuple_{direction}": tup})
         except Exception as e:
-            raise ConntrackError(f"conntrack dump: {_one_line(e)}") from None
+            raise ConntrackError(f"conntrack dump: {error_line(e)}") from None
         return n
 
     def remove_backend(self, mark: int, address: Endpoint) -> CleanupResult:

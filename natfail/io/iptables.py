@@ -32,6 +32,7 @@ from natfail.core.ruleset import (
     iptables_rules,
 )
 from natfail.io.dataplane import DataplaneError
+from natfail.oneline import error_line
 
 __all__ = ["IptablesDataplane"]
 
@@ -41,10 +42,6 @@ __all__ = ["IptablesDataplane"]
 # for IPv6, not both: each family gets its own forked helper process.
 
 _JUMPS: Final = {IPT_PRE_CHAIN: "PREROUTING", IPT_POST_CHAIN: "POSTROUTING"}
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _params(obj: Any) -> dict[str, str]:
@@ -163,7 +160,7 @@ class _IptFamily:
         try:
             return self._read_family(self.families[0])
         except self._iptc.IPTCError as e:
-            raise DataplaneError(f"iptables: {_one_line(e)}") from None
+            raise DataplaneError(f"iptables: {error_line(e)}") from None
 
     def read(self) -> Ruleset:
         dnat: set[Dnat] = set()
@@ -177,13 +174,13 @@ class _IptFamily:
                 masq |= rs.masquerade
             return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
         except self._iptc.IPTCError as e:
-            raise DataplaneError(f"iptables: {_one_line(e)}") from None
+            raise DataplaneError(f"iptables: {error_line(e)}") from None
 
     def intact(self) -> bool:
         try:
             return all(self._read_family(f)[1] for f in self.families)
         except self._iptc.IPTCError as e:
-            raise DataplaneError(f"iptables: {_one_line(e)}") from None
+            raise DataplaneError(f"iptables: {error_line(e)}") from None
 
     # -- changing -----------------------------------------------------------------------
 
@@ -224,7 +221,7 @@ class _IptFamily:
                 table.commit()
                 table.refresh()
             except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as e:
-                raise DataplaneError(f"iptables (IPv{fam}) commit failed: {_one_line(e)}") \
+                raise DataplaneError(f"iptables (IPv{fam}) commit failed: {error_line(e)}") \
                     from None
 
     def remove_all(self) -> None:
@@ -247,7 +244,7 @@ class _IptFamily:
                 table.commit()
                 table.refresh()
             except (iptc.IPTCError, ValueError) as e:
-                raise DataplaneError(f"iptables (IPv{fam}) remove: {_one_line(e)}") from None
+                raise DataplaneError(f"iptables (IPv{fam}) remove: {error_line(e)}") from None
 
 
 def _serve(family: int, conn: Any, parent_end: Any) -> None:
@@ -261,7 +258,7 @@ def _serve(family: int, conn: Any, parent_end: Any) -> None:
         try:
             reply: tuple[str, Any] = ("ok", getattr(impl, name)(*args))
         except BaseException as e:
-            reply = ("err", e if isinstance(e, DataplaneError) else DataplaneError(_one_line(e)))
+            reply = ("err", e if isinstance(e, DataplaneError) else DataplaneError(error_line(e)))
         try:
             conn.send(reply)
         except OSError:  # the daemon is gone (killed): nobody to answer, end quietly
@@ -284,7 +281,7 @@ class _FamilyProcess:
             self._conn.send((name, args))
             status, value = self._conn.recv()
         except (EOFError, OSError) as e:
-            raise DataplaneError(f"iptables helper process died: {_one_line(e)}") from None
+            raise DataplaneError(f"iptables helper process died: {error_line(e)}") from None
         if status == "err":
             raise value
         return value

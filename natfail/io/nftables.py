@@ -36,6 +36,7 @@ from natfail.core.ruleset import (
     nft_parse,
 )
 from natfail.io.dataplane import DataplaneError
+from natfail.oneline import one_line
 
 __all__ = ["Libnftables", "NftablesDataplane"]
 
@@ -125,10 +126,6 @@ class Libnftables:
         return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-def _one_line(text: str) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-
-
 _TABLE: Final = {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}
 
 
@@ -153,7 +150,7 @@ class NftablesDataplane:
         if rc != 0:
             if "No such file or directory" in err or "does not exist" in err:
                 return None
-            raise DataplaneError(f"nft list table {NFT_FAMILY} {NFT_TABLE}: {_one_line(err)}")
+            raise DataplaneError(f"nft list table {NFT_FAMILY} {NFT_TABLE}: {one_line(err)}")
         try:
             items = json.loads(out)["nftables"]
         except (ValueError, KeyError, TypeError) as e:
@@ -185,7 +182,7 @@ class NftablesDataplane:
     def _run(self, cmds: list[dict[str, Any]]) -> str | None:
         self.last_commands = cmds
         rc, _, err = self._nft.run(cmds)
-        return None if rc == 0 else (_one_line(err) or f"exit {rc}")
+        return None if rc == 0 else (one_line(err) or f"exit {rc}")
 
     def apply(self, desired: Ruleset) -> None:
         if self._known is not None:
