@@ -193,9 +193,30 @@ def nginx(data: dict[str, Any]) -> None:
     save(fig, "nginx-vs-natfail.png", data)
 
 
+def soak(data: dict[str, Any]) -> None:
+    samples = data["samples"]
+    minutes = [x["t"] / 60 for x in samples]
+    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(9, 5.6), sharex=True,
+                                        height_ratios=(2, 1, 1))
+    top.plot(minutes, [x["rss_kib"] / 1024 for x in samples], color="#1f77b4", lw=1)
+    top.set_ylabel("daemon RSS, MiB")
+    top.set_ylim(0, max(x["rss_kib"] for x in samples) / 1024 * 1.2)
+    top.set_title(f"Soak: {data['kills']} kills and {data['restarts']} restarts of 3 backends "
+                  f"in {data['minutes']:g} min, with traffic; {data['missed_failovers']} missed "
+                  "failovers", fontsize=10)
+    mid.plot(minutes, [x["stale_entries"] for x in samples], color="#d62728", lw=1)
+    mid.set_ylabel("stale entries")
+    mid.set_ylim(-0.5, max(1, data["max_stale_entries"]) + 0.5)
+    low.step(minutes, [x["active"] for x in samples], where="post", color="#2ca02c", lw=0.8)
+    low.set_ylabel("active backend")
+    low.set_yticks([0, 1, 2, 3], ["none", "a", "b", "c"])
+    low.set_xlabel("minutes")
+    save(fig, "soak.png", data)
+
+
 def main() -> int:
     plots = [("failover", failover), ("conntrack", conntrack), ("dataplane", swap),
-             ("probe", probe), ("nginx", nginx)]
+             ("probe", probe), ("nginx", nginx), ("soak", soak)]
     failed = 0
     for name, draw in plots:
         data = load(name)
