@@ -266,10 +266,11 @@ class Daemon:
 
     # -- probing -----------------------------------------------------------------------
 
-    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, result: ProbeResult) -> None:
+    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, result: ProbeResult) -> bool:
+        """Feed one probe result to the backend's health; True when it just went down."""
         old = rt.health.get(backend.name)
         if old is None:
-            return  # removed by a reload while the probe was in flight
+            return False  # removed by a reload while the probe was in flight
         probe = rt.service.probe
         new = hl.observe(
             old, result.up, max(self.monotonic(), old.since), probe.rise, probe.fall,
@@ -287,6 +288,7 @@ class Daemon:
                       else result.reason)
             log.info("%s: backend %s is %s (%s)", rt.service.name, backend.name,
                      new.state.value, detail)
+        return new.state == hl.HealthState.DOWN and old.state != hl.HealthState.DOWN
 
     async def _probe_round(self, rt: ServiceRuntime) -> None:
         probe = rt.service.probe
@@ -294,10 +296,28 @@ class Daemon:
         results = await asyncio.gather(
             *(self.transport.probe(rt.keys, b.address, probe.timeout) for b in backends)
         )
-        for backend, result in zip(backends, results, strict=True):
-            self._observe(rt, backend, result)
+        went_down = [b.name for b, result in zip(backends, results, strict=True)
+                     if self._observe(rt, b, result) and b.name != rt.active]
         await self._decide(rt)
+        if went_down:
+            await self._forget_standbys(rt, went_down)
         await self.reconcile("checked after a probe round")
+
+    async def _forget_standbys(self, rt: ServiceRuntime, names: list[str]) -> None:
+        """Remove the flows of standby backends that went down.
+
+        A standby can own flows: one that was active before, or whose own
+        packet reached a client after the client's flow had expired (the
+        SNAT sends it out as public:port, and the client answers there). The
+        client's keepalives would keep such a flow alive after the standby
+        dies; removed, the client's next packet takes the DNAT to the active."""
+        async with self._lock:
+            if self.services.get(rt.service.name) is not rt:
+                return
+            for name in names:
+                health = rt.health.get(name)
+                if name != rt.active and health is not None and health.state == hl.HealthState.DOWN:
+                    await self._cleanup(rt.service, name)
 
     async def _service_loop(self, rt: ServiceRuntime) -> None:
         interval = rt.service.probe.interval

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pytest
 
-from natfail.lab import Lab, wait_until
+from natfail.lab import CLIENT_TUNNEL_V4, Lab, wait_until
 from tests.netns.gateway import FALL, INTERVAL, KINDS, TIMEOUT, Gateway
 
 
@@ -80,6 +80,32 @@ def test_manual_switch_pins_and_release(gw: Gateway) -> None:
     assert gw.ctl("release", "wg0").returncode == 0
     status = gw.status()
     assert status["pinned"] is False and status["active"] == "b"  # sticky
+
+
+def test_a_standby_that_owns_a_client_flow_lets_it_go_when_it_dies(gw: Gateway) -> None:
+    """A standby still holding a session can own the client's flow: once the
+    client's own entry has expired, the standby's next packet leaves as
+    public:port and the client answers into it. When that standby dies, the
+    client's keepalives would hold the flow on it forever; natfail removes it."""
+    lab = gw.lab
+    b = lab.backend("b")
+    assert gw.ctl("switch", "wg0", "b").returncode == 0
+    assert _tunnel(lab)  # b now holds a session with the client
+    assert gw.ctl("switch", "wg0", "a").returncode == 0
+    lab.flush_conntrack()  # the client's flow expired
+    # b's packet reaches the client from public:port and the reply comes back to b
+    ping = lab.exec(b, ["ping", "-c", "1", "-W", "2", CLIENT_TUNNEL_V4], check=False)
+    assert ping.returncode == 0, ping.stdout
+    assert lab.client_endpoint() == f"{lab.public_v4}:{lab.public_port}"
+    b.stop()
+    assert wait_until(lambda: gw.backend_state("b") == "down", 5), gw.logs()
+    assert gw.status()["active"] == "a"
+    # the client keeps sending and, with b's flow gone, finds a by itself
+    assert wait_until(lambda: lab.client_ping(count=1, interval=0.2, timeout=1), 30, 0.1), \
+        gw.conntrack()
+    before = lab.transfers()
+    assert lab.client_ping(count=2, interval=0.1, timeout=3)
+    assert lab.carrying_backends(before) == ["a"]
 
 
 def test_switch_to_a_dead_backend_is_refused_unless_forced(gw: Gateway) -> None:

@@ -25,7 +25,12 @@ from natfail.lab import Lab, wait_until
 from tests.netns.gateway import KINDS, Gateway
 
 UID = GID = 65534  # nobody:nogroup: unprivileged and present on every Debian system
-CAPS = "net_admin,net_raw"
+CAPS = "net_admin,net_raw"  # what the unit grants
+CAP_BITS = {"net_admin": 12, "net_raw": 13}
+# (firewall, capabilities): the unit's set for both; nftables also with
+# CAP_NET_ADMIN alone, which README tells nftables-only gateways they may use.
+# (libiptc opens a raw socket, so iptables needs CAP_NET_RAW.)
+CONFINEMENTS = [(kind, CAPS) for kind in KINDS] + [("nftables", "net_admin")]
 MDWE = Path(__file__).with_name("mdwe_exec.py")
 
 def _reachable_python() -> list[str]:
@@ -44,15 +49,16 @@ def _reachable_python() -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
-PREFIX = [
-    *_reachable_python(),
-    "setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups",
-    f"--inh-caps=-all,+{CAPS.replace(',', ',+')}",
-    f"--ambient-caps=-all,+{CAPS.replace(',', ',+')}",
-    f"--bounding-set=-all,+{CAPS.replace(',', ',+')}",
-    "--no-new-privs", "--",
-    sys.executable, str(MDWE),
-]
+def _prefix(caps: str) -> list[str]:
+    plus = "+" + caps.replace(",", ",+")
+    return [
+        *_reachable_python(),
+        "setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups",
+        f"--inh-caps=-all,{plus}", f"--ambient-caps=-all,{plus}",
+        f"--bounding-set=-all,{plus}",
+        "--no-new-privs", "--",
+        sys.executable, str(MDWE),
+    ]
 
 
 def _mdwe_works() -> bool:
@@ -62,11 +68,13 @@ def _mdwe_works() -> bool:
     return proc.returncode != 0 and "PermissionError" in proc.stderr
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=CONFINEMENTS, ids=[f"{k}-{c.replace(',', '+')}" for k, c in CONFINEMENTS])
 def confined(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[Gateway]:
     if not _mdwe_works():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
-    gw = Gateway(fresh, request.param, prefix=PREFIX)
+    firewall, caps = request.param
+    gw = Gateway(fresh, firewall, prefix=_prefix(caps))
+    gw.caps = caps  # type: ignore[attr-defined]
     gw.remove_rules()
     # The daemon's files, owned by its user: the lab's directory is root's only.
     home = Path(tempfile.mkdtemp(prefix="natfail-confined-"))
@@ -115,8 +123,8 @@ def test_confined_daemon_probes_switches_and_cleans(confined: Gateway) -> None:
     gw, lab = confined, confined.lab
     status = _proc_status(_daemon_pid(gw))
     assert status["Uid"].split()[0] == str(UID), status["Uid"]
-    # CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only, in every set
-    caps = (1 << 12) | (1 << 13)
+    # the granted capabilities only, in every set
+    caps = sum(1 << CAP_BITS[c] for c in gw.caps.split(","))  # type: ignore[attr-defined]
     for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
         assert int(status[field], 16) == caps, (field, status[field])
     assert status["NoNewPrivs"].strip() == "1"

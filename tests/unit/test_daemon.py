@@ -343,11 +343,13 @@ def test_all_down_keeps_the_last_rule(rig: Rig, caplog: pytest.LogCaptureFixture
             assert all(h.state is HealthState.DOWN for h in rt.health.values())
             assert rt.active == "a"
             assert rt.no_healthy
-            assert rig.calls == []  # no apply, no cleanup
+            # no apply; the standbys' flows go as each goes down, a's flows stay
+            assert rig.calls == [("cleanup", mark("b"), B), ("cleanup", mark("c"), C)]
             assert dnat_of(rig.dp.applied[-1]) == A
             assert dnat_of(rig.dp.installed) == A
             assert sum("no healthy backend" in r.message for r in caplog.records) == 1
             # the first one back gets the traffic
+            rig.calls.clear()
             rig.set_up(c=True)
             await rounds(d, 2)
             assert rt.active == "c"
