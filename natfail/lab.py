@@ -671,7 +671,7 @@ def _new_id() -> str:
 class Lab:
     """A client, a gateway and N backends in network namespaces, with real WireGuard.
 
-    Building happens in the constructor (``Lab(...)`` or ``Lab.create(...)``); use it
+    Building happens in the constructor (``Lab(...)``); use it
     as a context manager or call :meth:`close` (idempotent, never raises, also
     registered with atexit).
     """
@@ -762,30 +762,6 @@ class Lab:
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def create(
-        cls,
-        backends: int = 2,
-        *,
-        keepalive: int | None = None,
-        ipv6: bool = True,
-        client_endpoint_family: int = 4,
-        preshared_key: bool = False,
-        prefix: str = "nf",
-        wg_log_level: str = "error",
-        clean_stale: bool = True,
-    ) -> Lab:
-        return cls(
-            backends,
-            keepalive=keepalive,
-            ipv6=ipv6,
-            client_endpoint_family=client_endpoint_family,
-            preshared_key=preshared_key,
-            prefix=prefix,
-            wg_log_level=wg_log_level,
-            clean_stale=clean_stale,
-        )
 
     def __enter__(self) -> Lab:
         return self
