@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import machine as machine_info  # noqa: E402
+from common import write_results  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST  # noqa: E402
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK  # noqa: E402
@@ -150,8 +151,7 @@ def main() -> int:
             last["ratio_natfail_to_shell"] is not None
             and last["ratio_natfail_to_shell"] <= 0.2),  # type: ignore[operator]
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
     return 0
 

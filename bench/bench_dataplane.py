@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import machine as machine_info  # noqa: E402
+from common import write_results  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 
 from natfail.config import Backend, Endpoint, ProbeSettings, Service  # noqa: E402
@@ -85,8 +86,7 @@ def main() -> int:
     finally:
         ipt.close()
     result["nftables_meets_target"] = result["nftables"]["median_ms"] < TARGET_NFT_MS  # type: ignore[index]
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
     return 0
 

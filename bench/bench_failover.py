@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from common import RESULTS_DIR, Daemon, Pinger, machine, stats  # noqa: E402
+from common import RESULTS_DIR, Daemon, Pinger, machine, stats, write_results  # noqa: E402
 
 from natfail.lab import Lab, LabBackend  # noqa: E402
 
@@ -143,8 +143,7 @@ def main() -> int:
                 "client re-handshakes, about 15 s after its packets stop getting answers",
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps(result["summary_ms"], indent=2))
     return 0 if result["recovered"] == len(rows) == args.kills else 1
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_failover import EXTRA, PROBE  # noqa: E402
-from common import RESULTS_DIR, Daemon, Pinger, machine  # noqa: E402
+from common import RESULTS_DIR, Daemon, Pinger, machine, write_results  # noqa: E402
 
 from natfail.lab import (  # noqa: E402
     GATEWAY_WAN_V4,
@@ -297,8 +297,7 @@ def main() -> int:
     result["throughput_ratio_nginx_to_natfail"] = round(throughput["nginx"]["mbit_s"] / nat, 3)
     result["throughput_ratio_natfail_to_direct"] = round(nat / throughput["direct"]["mbit_s"], 3)
     result["outage"] = {"natfail": out_natfail, "nginx": out_nginx}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps({k: result[k] for k in ("throughput", "outage")}, indent=2))
     return 0
 

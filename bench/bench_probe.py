@@ -12,7 +12,6 @@ Writes bench/results/probe.json. Usage: .venv/bin/python bench/bench_probe.py [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit"), str(ROOT / "bench")]
 
-from common import cpu_model  # noqa: E402
+from common import cpu_model, write_results  # noqa: E402
 from common import machine as machine_info  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
     X25519PrivateKey,
@@ -171,8 +170,7 @@ def main() -> int:
         "cpu": cpu_model(),
         "cpus": os.cpu_count(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
 
     print(
         f"probe (build + consume): {probe_best:.1f} us best, {probe_median:.1f} us median"

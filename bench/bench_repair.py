@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import machine as machine_info  # noqa: E402
+from common import write_results  # noqa: E402
 
 from natfail.lab import Lab, wait_until  # noqa: E402
 
@@ -81,8 +82,7 @@ def main() -> None:
         "target_ms": TARGET_MS,
         "meets_target": samples[-1] <= TARGET_MS,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

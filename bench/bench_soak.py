@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from common import Daemon, Pinger, machine  # noqa: E402
+from common import Daemon, Pinger, machine, write_results  # noqa: E402
 
 from natfail.lab import Lab  # noqa: E402
 
@@ -129,8 +129,7 @@ def main() -> None:
         "samples": samples,
         "events": events,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(RESULTS, result, indent=1)
     summary = {k: v for k, v in result.items() if k not in ("samples", "events", "machine")}
     print(json.dumps(summary, indent=2))
 

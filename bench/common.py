@@ -3,6 +3,7 @@ and a client pinger that keeps every reply's timestamp."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -22,6 +23,12 @@ ENV = {"PYTHONPATH": str(ROOT)}
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .* icmp_seq=(\d+)")
+
+
+def write_results(path: Path, result: dict[str, Any], indent: int = 2) -> None:
+    """A benchmark's figures, as the JSON file under bench/results it owns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=indent) + "\n")
 
 
 def cpu_model() -> str:
