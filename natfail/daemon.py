@@ -130,10 +130,11 @@ class Daemon:
         except OSError as exc:
             log.error("cannot write state file %s: %s", self._state_path, exc.strerror)
 
-    def _runtime(self, service: cfg.Service, saved: Any, now: float) -> ServiceRuntime:
+    def _runtime(self, service: cfg.Service, keys: noise.Keys, saved: Any,
+                 now: float) -> ServiceRuntime:
         rt = ServiceRuntime(
             service=service,
-            keys=load_keys(service),
+            keys=keys,
             health={b.name: hl.BackendHealth.initial(now) for b in service.backends},
         )
         if isinstance(saved, dict):
@@ -364,7 +365,7 @@ class Daemon:
             installed = ruleset.Ruleset()
         adopted = ruleset.active_from(installed, self.config.services)
         for service in self.config.services:
-            rt = self._runtime(service, saved.get(service.name), now)
+            rt = self._runtime(service, load_keys(service), saved.get(service.name), now)
             rt.active = adopted.get(service.name)
             if rt.active is not None:
                 log.info("%s: adopted the installed rule to %s", service.name, rt.active)
@@ -375,8 +376,10 @@ class Daemon:
         # A daemon killed between a swap and its conntrack cleanup leaves
         # flows pinned to the old backend: only the active one's may stay.
         for rt in self.services.values():
+            if rt.active is None:
+                continue
             for backend in rt.service.backends:
-                if rt.active is not None and backend.name != rt.active:
+                if backend.name != rt.active:
                     await self._cleanup(rt.service, backend.name)
         await self.control.start()
         if self.config.daemon.metrics_listen and self.metrics:
@@ -470,7 +473,7 @@ class Daemon:
             for service in new.services:
                 rt_or_none = self.services.get(service.name)
                 if rt_or_none is None:
-                    added.append(self._runtime(service, None, now))
+                    added.append(self._runtime(service, keys[service.name], None, now))
                     continue
                 lost += self._update_runtime(rt_or_none, service, keys[service.name], now)
             self.config = new
