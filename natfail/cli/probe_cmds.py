@@ -89,7 +89,9 @@ def probe(args: argparse.Namespace) -> int:
                     line += f" ({result.reason})"
             else:
                 line = f"{target}: down, {result.reason}"
-                if result.detail:
+                if result.local:
+                    line += f" ({result.detail}: on this host, not the backend's fault)"
+                elif result.detail:
                     line += f" ({result.detail})"
             if result.invalid_replies:
                 line += f", {result.invalid_replies} invalid repl"

@@ -46,7 +46,14 @@ X25519 is about 118 us; see bench/results/probe.json.
 
 Cookies. A backend under load answers with a cookie reply; the cookie is
 MAC(secret, source IP and port of the initiation), so a mac2 made with it is
-only valid on initiations sent from the same local address *and port*.
+only valid on initiations sent from the same local address *and port*. A
+cookie reply proves nothing about the backend: its key derives from the
+server's *public* key, so anyone can make one. The caller answers it with a
+new initiation carrying mac2 and counts the backend up only on ``Accepted``.
+
+ICMP errors. Anyone can also forge an ICMP error; ``quotes_initiation``
+tells whether the datagram an error quotes is one we sent: it must repeat
+at least the type, sender index and ephemeral key, random per initiation.
 """
 
 from __future__ import annotations
@@ -524,6 +531,23 @@ def consume(handshake: Handshake, keys: Keys, datagram: Datagram, now: float) ->
     if datagram[:4] in (_HEADER_RESPONSE, _HEADER_COOKIE_REPLY):
         return _SIZE
     return _TYPE
+
+
+QUOTE_MIN: Final = 40
+"""Bytes of an initiation an ICMP error must quote to be ours: the header,
+the random sender index and the ephemeral key. Linux quotes the whole
+datagram (up to 576 bytes of IPv4 packet, 1280 of IPv6); an error quoting
+only the UDP header (all RFC 792 demands) cannot be told from a forgery."""
+
+
+def quotes_initiation(initiation: Datagram, quoted: Datagram) -> bool:
+    """True iff ``quoted`` (the UDP payload an ICMP error quotes) is the
+    start of ``initiation``, at least ``QUOTE_MIN`` bytes of it."""
+    initiation, quoted = bytes(initiation), bytes(quoted)
+    length = min(len(initiation), len(quoted))
+    return length >= QUOTE_MIN and secrets.compare_digest(
+        initiation[:length], quoted[:length]
+    )
 
 
 # --- scapy, off the hot path --------------------------------------------------

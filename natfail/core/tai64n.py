@@ -32,6 +32,11 @@ NS_PER_SECOND = 1_000_000_000
 _STRUCT = struct.Struct(">QI")
 _MAX_SECONDS = 2**64 - 1
 
+MAX_UNIX_SECONDS = 2**34
+"""No clock natfail runs on can read this far (about the year 2514): Linux
+keeps time in signed 64-bit nanoseconds, which end in 2262. A stamp beyond it
+can only be corruption, never one that was sent."""
+
 
 def encode(tai_seconds: int, nanoseconds: int) -> bytes:
     """Raw TAI64N label: 8-byte big-endian TAI seconds (already offset), 4-byte ns."""
@@ -56,6 +61,30 @@ def decode(stamp: bytes) -> tuple[int, int]:
         raise ValueError("a TAI64N stamp is 12 bytes")
     tai_seconds, nanoseconds = _STRUCT.unpack(stamp)
     return tai_seconds - TAI64_BASE, nanoseconds
+
+
+def problem(stamp: bytes) -> str | None:
+    """Why ``stamp`` cannot be a stamp natfail sent, or None when it can be.
+
+    A stamp natfail sent is 12 bytes, its nanoseconds below 10**9, its
+    seconds between 1970 (Linux refuses to set the clock earlier) and
+    ``MAX_UNIX_SECONDS``."""
+    if len(stamp) != TAI64N_SIZE:
+        return f"{len(stamp)} bytes, not {TAI64N_SIZE}"
+    unix_seconds, nanoseconds = decode(stamp)
+    if nanoseconds >= NS_PER_SECOND:
+        return f"nanoseconds {nanoseconds} out of range"
+    if unix_seconds < 0:
+        return "a time before 1970"
+    if unix_seconds >= MAX_UNIX_SECONDS:
+        return "a time beyond any clock"
+    return None
+
+
+def seconds_ahead(stamp: bytes, unix_ns: int) -> float:
+    """How many seconds ``stamp`` lies after the Unix time ``unix_ns`` (negative: before)."""
+    unix_seconds, nanoseconds = decode(stamp)
+    return (unix_seconds * NS_PER_SECOND + nanoseconds - unix_ns) / NS_PER_SECOND
 
 
 def successor(stamp: bytes) -> bytes:

@@ -3,21 +3,54 @@
 A backend drops an initiation whose timestamp is not newer than the last one
 it accepted from the probe key, so the last stamp sent must survive restarts
 and clock steps. The decision (max(now, last + 1 ns)) is pure, in
-`natfail.core.tai64n`; this module only remembers."""
+`natfail.core.tai64n`; this module only remembers, and says so when what it
+remembers cannot be used."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from natfail.core import tai64n
-from natfail.io.statefile import read_or_none, write_atomic
+from natfail.io.statefile import write_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "probe-timestamp"
+
+FAR_AHEAD = 86400.0
+"""A stored stamp this many seconds ahead of the wall clock gets a warning."""
+
+# Every wall clock reading is kept within what a valid stamp may hold (Linux
+# cannot read before 1970 either), so that a clock gone mad (or a test's)
+# cannot make next() raise or write a stamp the next start would refuse.
+_WALL_MIN_NS = 0
+_WALL_MAX_NS = tai64n.MAX_UNIX_SECONDS * tai64n.NS_PER_SECOND - 1
+
+
+def _describe(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.0f} hours"
+    return f"{seconds:.0f} s"
+
+
+def _read_small(path: Path) -> bytes:
+    """At most a few bytes of a regular file: the stamp file is 12 bytes, and
+    a FIFO or a device put in its place must not hang or flood the daemon."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.read(fd, tai64n.TAI64N_SIZE + 1)
+    finally:
+        os.close(fd)
 
 
 class TimestampClock:
@@ -31,23 +64,44 @@ class TimestampClock:
     ) -> None:
         self._path = path
         self._wall_ns = wall_ns
+        self._save_failures = 0
         self._last = self._load(path)
 
-    @staticmethod
-    def _load(path: Path | None) -> bytes | None:
+    def _wall(self) -> int:
+        return min(max(self._wall_ns(), _WALL_MIN_NS), _WALL_MAX_NS)
+
+    def _load(self, path: Path | None) -> bytes | None:
         if path is None:
             return None
         try:
-            data = read_or_none(path)
+            data = _read_small(path)
+        except FileNotFoundError:
+            log.info(
+                "no probe timestamp in %s: probes start from the wall clock; a backend that"
+                " saw a newer stamp from this probe key ignores them (every probe 'timeout')"
+                " until the clock passes that stamp", path,
+            )
+            return None
         except OSError as exc:
-            log.warning("cannot read probe timestamp %s: %s; starting from the clock", path,
-                        exc.strerror)
+            log.warning("cannot read probe timestamp %s: %s; starting from the wall clock",
+                        path, exc.strerror)
             return None
-        if data is None:
+        # An invalid stamp can never have been sent, so starting from the
+        # clock cannot send one older than a stamp a backend has seen.
+        problem = tai64n.problem(data)
+        if problem is not None:
+            log.warning("ignoring invalid probe timestamp in %s (%s); starting from the wall"
+                        " clock", path, problem)
             return None
-        if len(data) != tai64n.TAI64N_SIZE:
-            log.warning("ignoring corrupt probe timestamp in %s", path)
-            return None
+        ahead = tai64n.seconds_ahead(data, self._wall())
+        if ahead > FAR_AHEAD:
+            # Going back to the clock would make every backend that saw
+            # this stamp drop our probes; counting on from it is safe.
+            log.warning(
+                "probe timestamp in %s is %s ahead of the wall clock; probes keep counting"
+                " from it (delete the file only if no backend ever saw it)",
+                path, _describe(ahead),
+            )
         return data
 
     @property
@@ -55,7 +109,14 @@ class TimestampClock:
         return self._last
 
     def next(self) -> bytes:
-        stamp = tai64n.next_timestamp(self._wall_ns(), self._last)
+        try:
+            stamp = tai64n.next_timestamp(self._wall(), self._last)
+        except ValueError:
+            # Only a last stamp with no successor (twelve 0xFF bytes, which
+            # _load refuses) gets here; no stamp is newer, so start over.
+            log.warning("probe timestamp %r has no successor; starting from the wall clock",
+                        self._last)
+            stamp = tai64n.next_timestamp(self._wall(), None)
         self._last = stamp
         if self._path is not None:
             try:
@@ -65,5 +126,14 @@ class TimestampClock:
                 # stepped back across that loss.
                 write_atomic(self._path, stamp, fsync=False)
             except OSError as exc:
-                log.warning("cannot save probe timestamp to %s: %s", self._path, exc.strerror)
+                # Once, not on every probe: a full disk would flood the log.
+                if not self._save_failures:
+                    log.warning("cannot save probe timestamp to %s: %s", self._path,
+                                exc.strerror)
+                self._save_failures += 1
+            else:
+                if self._save_failures:
+                    log.info("probe timestamp saved to %s again, after %d failed saves",
+                             self._path, self._save_failures)
+                    self._save_failures = 0
         return stamp

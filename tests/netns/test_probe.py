@@ -89,6 +89,14 @@ def test_port_with_nothing_behind_it_is_down(backends_up: Lab) -> None:
     assert ": down, port-unreachable" in proc.stdout, proc.stdout
 
 
+def test_port_with_nothing_behind_it_over_ipv6_is_down(backends_up: Lab) -> None:
+    backend = backends_up.backends[0]
+    assert backend.v6 is not None
+    proc = natfailctl_probe(backends_up, f"[{backend.v6}]:51999", timeout=0.5)
+    assert proc.returncode == 1
+    assert ": down, port-unreachable" in proc.stdout, proc.stdout
+
+
 def test_address_with_no_host_is_down(backends_up: Lab) -> None:
     proc = natfailctl_probe(backends_up, "10.0.0.250:51820", timeout=0.5)
     assert proc.returncode == 1
@@ -152,3 +160,86 @@ def test_restarted_probe_is_still_answered(backends_up: Lab) -> None:
     assert first.returncode == 0 and second.returncode == 0, first.stdout + second.stdout
     assert all(": up, " in line for line in (first.stdout + second.stdout).splitlines())
     assert time.monotonic() - started < 10
+
+
+def test_cookie_replies_alone_are_down(backends_up: Lab) -> None:
+    """A fake backend that knows only the server's public key answers every
+    initiation with a valid cookie reply: natfail answers with mac2 at once,
+    and without a handshake response the backend is down."""
+    lab = backends_up
+    backend = lab.backends[1]
+    backend.stop()
+    forger = lab.popen(
+        backend,
+        [sys.executable, "-m", "tests.netns.cookie_forger", backend.v4, str(backend.port),
+         lab.server_key.public_b64],
+        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
+        proc = natfailctl_probe(lab, backend.address, timeout=1.0)
+    finally:
+        forger.kill()
+        out, _ = forger.communicate()
+        backend.start()
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"{backend.address}: down, cookie-only ("), proc.stdout
+    # The first initiation had no cookie; each one after it had a valid mac2.
+    seen = out.split()
+    assert seen[:2] == ["initiation", "mac2=none"], out
+    assert seen[2:] and seen[2::2] == ["initiation"] * (len(seen) // 2 - 1), out
+    assert set(seen[3::2]) == {"mac2=valid"}, out
+
+
+@pytest.mark.parametrize("mode", ["wrong", "right"])
+def test_spoofed_port_unreachable_does_not_beat_the_response(backends_up: Lab, mode: str) -> None:
+    """Three forged ICMP port-unreachables reach the gateway before the
+    real response. "wrong": they do not quote this probe's initiation and
+    are ignored; "right": they do, but the valid response still wins."""
+    lab = backends_up
+    backend = lab.backends[0]
+    assert backend.pid is not None
+    spoofer = lab.popen(
+        backend,
+        [sys.executable, "-m", "tests.netns.icmp_spoofer", backend.v4, str(backend.port),
+         mode, str(backend.pid)],
+        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert spoofer.stdout is not None and spoofer.stdout.readline().strip() == "ready"
+        backend.pause()
+        proc = natfailctl_probe(lab, backend.address, timeout=5.0)
+        assert spoofer.stdout.readline().strip() == "spoofed"
+    finally:
+        spoofer.kill()
+        spoofer.wait()
+        backend.resume()  # the spoofer sent SIGCONT; this resets the lab's flag
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"{backend.address}: up, rtt "), proc.stdout
+    if mode == "wrong":
+        assert proc.stdout.rstrip().endswith(", 3 invalid replies"), proc.stdout
+    else:
+        assert "invalid" not in proc.stdout, proc.stdout
+
+
+def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
+    """Real wireguard-go under load answers with a cookie reply; the probe's
+    answer with mac2 gets the handshake response: up, "under-load"."""
+    lab = backends_up
+    backend = lab.backends[0]
+    assert backend.pid is not None
+    before = lab.backend_show(backend).peers[lab.probe_key.public_b64].tx
+    argv = [sys.executable, "-m", "tests.netns.cookie_load", backend.v4, str(backend.port),
+            lab.server_key.public_b64, str(lab.probe_key.file), str(backend.pid)]
+    if lab.psk_file is not None:
+        argv.append(str(lab.psk_file))
+    try:
+        proc = lab.exec(lab.gateway, argv, check=False, timeout=60,
+                        env={"PYTHONPATH": str(REPO)})
+    finally:
+        backend.resume()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "under-load up", proc.stdout
+    # The real WireGuard sent its handshake response (92 bytes), not only
+    # cookie replies (which it does not count for the peer).
+    assert lab.backend_show(backend).peers[lab.probe_key.public_b64].tx >= before + 92

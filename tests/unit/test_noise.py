@@ -660,6 +660,47 @@ def test_timestamps_strictly_increase(
         last = stamp
 
 
+def test_stamp_problems() -> None:
+    assert tai64n.problem(tai64n.tai64n(1_700_000_000 * 10**9 + 5)) is None
+    assert tai64n.problem(tai64n.tai64n(0)) is None
+    assert tai64n.problem(b"\xff" * 12) == "nanoseconds 4294967295 out of range"
+    assert tai64n.problem(bytes(12)) == "a time before 1970"
+    assert tai64n.problem(tai64n.tai64n(tai64n.MAX_UNIX_SECONDS * 10**9)) == (
+        "a time beyond any clock"
+    )
+    assert tai64n.problem(tai64n.tai64n(tai64n.MAX_UNIX_SECONDS * 10**9 - 1)) is None
+    assert tai64n.problem(bytes(11)) == "11 bytes, not 12"
+    # Linux keeps time in signed 64-bit nanoseconds: every reading is valid.
+    assert tai64n.problem(tai64n.tai64n(2**63 - 1)) is None
+
+
+def test_seconds_ahead() -> None:
+    stamp = tai64n.tai64n(1_000 * 10**9 + 500_000_000)
+    assert tai64n.seconds_ahead(stamp, 990 * 10**9) == 10.5
+    assert tai64n.seconds_ahead(stamp, 1_001 * 10**9) == -0.5
+
+
+# --- ICMP quotes --------------------------------------------------------------
+
+
+def test_an_icmp_quote_must_repeat_the_start_of_our_initiation(
+    exchange: tuple[Keys, Handshake, bytes, bytes],
+) -> None:
+    _, _, message, _ = exchange
+    assert noise.quotes_initiation(message, message)
+    assert noise.quotes_initiation(message, message[: noise.QUOTE_MIN])
+    assert noise.quotes_initiation(message, message + b"padding")
+    # Only the UDP header quoted (as RFC 792 allows): cannot be verified.
+    assert not noise.quotes_initiation(message, b"")
+    assert not noise.quotes_initiation(message, message[: noise.QUOTE_MIN - 1])
+    # Right type and size, but another sender index or ephemeral key.
+    other, _ = initiate(make_keys(), index=0x0A0B0C0D)
+    assert not noise.quotes_initiation(message, other)
+    flipped = bytearray(message)
+    flipped[20] ^= 1
+    assert not noise.quotes_initiation(message, bytes(flipped))
+
+
 # --- interop: packets exchanged with real wireguard-go ---------------------
 #
 # Recorded once against wireguard-go (Debian package, userspace, in a network

@@ -5,14 +5,17 @@ tests/netns/test_probe.py."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import itertools
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +25,7 @@ from natfail.config import Endpoint
 from natfail.core import noise
 from natfail.io import probe_transport as pt
 from natfail.io.timestamps import TimestampClock
-from tests.unit.wg_responder import Rejected, Responder
+from tests.unit.wg_responder import MAC, Rejected, Responder, forge_cookie_reply
 
 Reply = Callable[[bytes, bytes], list[bytes]]
 
@@ -97,8 +100,11 @@ def test_nothing_listening_is_port_unreachable(tmp_path: Path) -> None:
         server, _, target = await _serve(lambda data, source: [])
         server.close()  # the port is closed now: the kernel answers ICMP
         await asyncio.sleep(0.01)
-        result = await transport.probe(keys, target, 2.0)
+        # The ICMP error quotes our initiation, so it counts; but only at the
+        # timeout, since a valid response would still win over it.
+        result = await transport.probe(keys, target, 0.3)
         assert not result.up and result.reason == pt.UNREACHABLE
+        assert result.invalid_replies == 0 and not result.local
 
     asyncio.run(main())
 
@@ -144,21 +150,217 @@ def test_forged_reply_before_the_real_one_is_counted_not_fatal(tmp_path: Path) -
     asyncio.run(main())
 
 
-def test_cookie_reply_is_up_under_load_and_next_probe_carries_mac2(tmp_path: Path) -> None:
+class _RecordingSocket(socket.socket):
+    """A real UDP socket that notes when each datagram left, and can fail
+    its first sends with given errnos (the boundary where errors arise)."""
+
+    def __init__(self, family: int, fail: list[int]) -> None:
+        super().__init__(family, socket.SOCK_DGRAM)
+        self.fail = fail
+        self.sends: list[float] = []
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        if self.fail:
+            number = self.fail.pop(0)
+            raise OSError(number, os.strerror(number))
+        self.sends.append(time.monotonic())
+        return super().send(data, flags)
+
+
+def _recording_opener(
+    opened: list[_RecordingSocket], fail: list[int] | None = None
+) -> Callable[[Endpoint, tuple[Any, ...] | None], socket.socket]:
+    def open_socket(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
+        sock = _RecordingSocket(socket.AF_INET, list(fail or []))
+        sock.setblocking(False)
+        if local is not None:
+            sock.bind(local)
+        sock.connect(target.sockaddr())
+        opened.append(sock)
+        return sock
+
+    return open_socket
+
+
+def test_cookie_reply_is_answered_with_mac2_at_once(tmp_path: Path) -> None:
+    """Under load: a cookie reply, then at once (20 ms after the first) a
+    second initiation with mac2 from the same port, and its response."""
     async def main() -> None:
-        responder, keys, transport = _setup(tmp_path)
+        responder, keys, _ = _setup(tmp_path)
         responder.under_load = True
-        server, _, target = await _serve(_answer(responder))
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened)
+        )
+        sources: list[bytes] = []
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            sources.append(source)
+            return _answer(responder)(data, source)
+
+        server, _, target = await _serve(reply)
         try:
             first = await transport.probe(keys, target, 2.0)
             second = await transport.probe(keys, target, 2.0)
         finally:
             server.close()
-        assert first.up and first.reason == pt.UNDER_LOAD
-        # the responder only answers a full response when mac2 is valid
+        # The responder answers a full response only when mac2 is valid.
+        assert first.up and first.reason == pt.UNDER_LOAD, first
+        assert len(opened[0].sends) == 2 and len(set(sources[:2])) == 1
+        assert opened[0].sends[1] - opened[0].sends[0] >= pt.MIN_INITIATION_GAP
+        assert first.rtt is not None and first.rtt < 2.0
+        # The next probe leaves from the cookie's port with mac2 right away.
         assert second.up and second.reason == pt.UP
+        assert len(opened[1].sends) == 1 and sources[2] == sources[0]
 
     asyncio.run(main())
+
+
+def test_cookie_only_answers_are_a_failure(tmp_path: Path) -> None:
+    """A fake backend that knows only the server's public key can answer
+    every initiation with a valid cookie reply: that is not up."""
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened)
+        )
+        cookie = os.urandom(16)
+        seen: list[bytes] = []
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            seen.append(data)
+            # Only to check the timestamps grow: the responder raises on a replay.
+            responder.consume_initiation(data, source)
+            return [forge_cookie_reply(keys.server_public_key, data, cookie)]
+
+        server, _, target = await _serve(reply)
+        try:
+            result = await transport.probe(keys, target, 1.0)
+        finally:
+            server.close()
+        assert not result.up and result.reason == pt.COOKIE_ONLY, result
+        assert not result.local and result.invalid_replies == 0
+        # The first initiation without mac2, then each answer with the cookie.
+        assert len(seen) == 1 + pt.MAX_COOKIE_ANSWERS
+        assert seen[0][132:] == bytes(16)
+        for later in seen[1:]:
+            assert later[132:] == MAC(cookie, later[:132])
+        sends = opened[0].sends
+        assert all(b - a >= pt.MIN_INITIATION_GAP for a, b in itertools.pairwise(sends))
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "number", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EACCES, errno.EPERM]
+)
+def test_our_own_socket_errors_are_local(tmp_path: Path, number: int) -> None:
+    async def main() -> None:
+        _, keys, _ = _setup(tmp_path)
+
+        def failing(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
+            raise OSError(number, os.strerror(number))
+
+        transport = pt.UdpProbeTransport(TimestampClock(tmp_path / "ts"), open_socket=failing)
+        target = Endpoint(ipaddress.ip_address("127.0.0.1"), 9)
+        result = await transport.probe(keys, target, 0.5)
+        assert not result.up and result.local and result.reason == pt.LOCAL_ERROR, result
+        assert result.detail == os.strerror(number)
+        assert result.sent_at is None
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("number", [errno.EPERM, errno.ENOBUFS, errno.EAGAIN, errno.EACCES])
+def test_a_send_our_host_refuses_is_local(tmp_path: Path, number: int) -> None:
+    """EPERM is what a local firewall's drop on output returns: still not
+    the backend's fault."""
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        server, _, target = await _serve(_answer(responder))
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened, [number])
+        )
+        try:
+            result = await transport.probe(keys, target, 0.5)
+        finally:
+            server.close()
+        assert not result.up and result.local and result.reason == pt.LOCAL_ERROR, result
+        assert opened[0].sends == []
+
+    asyncio.run(main())
+
+
+def test_a_pending_icmp_error_does_not_fail_the_send(tmp_path: Path) -> None:
+    """An earlier ICMP error fails the next send once with ECONNREFUSED:
+    the initiation is sent again and its response counts."""
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        server, _, target = await _serve(_answer(responder))
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"),
+            open_socket=_recording_opener(opened, [errno.ECONNREFUSED]),
+        )
+        try:
+            result = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert result.up and result.reason == pt.UP, result
+
+    asyncio.run(main())
+
+
+def test_a_route_error_is_not_local(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, keys, _ = _setup(tmp_path)
+
+        def no_route(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
+            raise OSError(errno.ENETUNREACH, os.strerror(errno.ENETUNREACH))
+
+        transport = pt.UdpProbeTransport(TimestampClock(tmp_path / "ts"), open_socket=no_route)
+        result = await transport.probe(keys, Endpoint(ipaddress.ip_address("127.0.0.1"), 9), 0.5)
+        assert not result.up and not result.local and result.reason == pt.NO_ROUTE
+
+    asyncio.run(main())
+
+
+_EMFILE_SCRIPT = """
+import asyncio, ipaddress, os, resource, sys
+from natfail.config import Endpoint
+from natfail.core import noise
+from natfail.io import probe_transport as pt
+from natfail.io.timestamps import TimestampClock
+
+keys = noise.Keys(os.urandom(32), noise.public_key(os.urandom(32)))
+transport = pt.UdpProbeTransport(TimestampClock(None))
+
+async def main() -> None:
+    # Every descriptor up to the limit taken, as a connection flood would.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    held = []
+    while True:
+        try:
+            held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            break
+    result = await transport.probe(keys, Endpoint(ipaddress.ip_address("127.0.0.1"), 9), 0.2)
+    print(result.reason, result.local, result.detail)
+
+asyncio.run(main())
+"""
+
+
+def test_real_emfile_is_local() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-c", _EMFILE_SCRIPT], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "local-error True Too many open files", proc.stdout
 
 
 def test_initiations_to_one_backend_are_20ms_apart(tmp_path: Path) -> None:

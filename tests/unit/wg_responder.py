@@ -254,6 +254,24 @@ class Responder:
         )
 
 
+def forge_cookie_reply(
+    server_public_key: bytes, initiation: bytes, cookie: bytes, nonce: bytes | None = None
+) -> bytes:
+    """A valid cookie reply to ``initiation``, made from the server's PUBLIC
+    key alone (as anyone can): ``cookie`` is any 16 bytes the forger likes."""
+    packet = Wireguard(initiation)
+    nonce = os.urandom(24) if nonce is None else nonce
+    sealed = xchacha.seal(
+        HASH(LABEL_COOKIE + server_public_key), nonce, cookie, packet[WireguardInitiation].mac1
+    )
+    reply = Wireguard(message_type=3) / WireguardCookieReply(
+        receiver_index=packet[WireguardInitiation].sender_index,
+        nonce=nonce,
+        encrypted_cookie=sealed,
+    )
+    return bytes(reply)
+
+
 def with_mac1(datagram: bytes, key: bytes) -> bytes:
     """A response with its mac1 recomputed under ``key`` (to get past mac1)."""
     return datagram[:60] + MAC(key, datagram[:60]) + datagram[76:]
