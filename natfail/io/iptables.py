@@ -16,8 +16,18 @@ Uses the network namespace of the calling process.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import ipaddress
-from typing import Any, Final
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import weakref
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, Final, Protocol
 
 from natfail.config import Endpoint
 from natfail.core.ruleset import (
@@ -36,10 +46,13 @@ from natfail.oneline import error_line
 
 __all__ = ["IptablesDataplane"]
 
+log = logging.getLogger(__name__)
+
 # python-iptables with iptables >= 1.8.9: the NAT targets (DNAT, SNAT, MASQUERADE) live
 # in one merged extension library that registers only the targets of the family that is
 # current when it is first loaded. One process can therefore build NAT rules for IPv4 OR
-# for IPv6, not both: each family gets its own forked helper process.
+# for IPv6, not both: each family gets its own forked helper process. A helper that dies
+# (killed, crashed) is replaced on the next call; a helper ends with the daemon.
 
 _JUMPS: Final = {IPT_PRE_CHAIN: "PREROUTING", IPT_POST_CHAIN: "POSTROUTING"}
 
@@ -247,51 +260,255 @@ class _IptFamily:
                 raise DataplaneError(f"iptables (IPv{fam}) remove: {error_line(e)}") from None
 
 
-def _serve(family: int, conn: Any, parent_end: Any) -> None:
-    parent_end.close()  # EOF on our end once the parent closes (or dies)
-    impl = _IptFamily(family)
+# -- the helper process ------------------------------------------------------------------
+
+# Linux prctl(2) option: the signal the kernel sends us when our parent (the thread that
+# forked us) dies.
+_PR_SET_PDEATHSIG: Final = 1
+# A fork can fail for a moment (EAGAIN, ENOMEM): a few tries, briefly apart, before one
+# call gives up; the daemon keeps the last good state and calls again at its next round.
+_START_TRIES: Final = 3
+_START_PAUSE: Final = 0.1
+_REAP_WAIT: Final = 2.0
+# What the daemon handles itself (stop, reload, Ctrl-C); see _FamilyProcess._start.
+_HELD_SIGNALS: Final = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+# The parent ends of every helper's channel, so that a helper forked later does not hold
+# them open (a held end would hide the daemon's exit from the older helper).
+_PARENT_ENDS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _die_with_parent(parent_pid: int) -> bool:
+    """Asks the kernel to SIGKILL us when the daemon dies, so that a helper never
+    outlives a SIGKILLed daemon even if some other process still holds its channel
+    open. False when the daemon is already gone.
+
+    The kernel watches the thread that forked us, not the whole process: a helper
+    forked from a thread that later ends is killed with it and simply replaced at the
+    next call (the daemon calls the dataplane from its event loop thread)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # EOF on the channel still ends us once the daemon is gone
+    # the daemon may have died between fork and prctl: then nobody would signal us
+    return os.getppid() == parent_pid
+
+
+def _own_signals() -> None:
+    """Drops what the fork copied of the daemon's signal handling: the asyncio wakeup
+    fd (a signal to us would wake the daemon's loop as if it were the daemon's own) and
+    Python handlers, which would run daemon code here. Ctrl-C in a terminal reaches the
+    whole group: the daemon handles it and closes our channel, so we ignore it rather
+    than print a KeyboardInterrupt. SIGTERM keeps its default, so that multiprocessing's
+    exit handler (terminate, then join) can always end us."""
+    # ValueError off the main thread: then no wakeup fd was ours to drop
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+            if sig == signal.SIGINT:
+                signal.signal(sig, signal.SIG_IGN)
+            elif callable(handler):
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
+
+
+class _Impl(Protocol):
+    def __call__(self, family: int) -> object: ...
+
+
+def _serve(family: int, conn: Connection, parent_pid: int,
+           inherited: list[Connection], factory: _Impl = _IptFamily) -> None:
+    """The helper's main loop: one request, one reply, until the daemon goes away.
+
+    Returns (exit status 0, nothing printed) when the channel ends in any way: EOF when
+    the daemon closed it or exited, ConnectionResetError when it died with our reply
+    unread, BrokenPipeError when it died before we answered."""
+    _own_signals()
+    for end in inherited:
+        end.close()
+    if not _die_with_parent(parent_pid):
+        return
+    impl: object = None
+    broken: DataplaneError | None = None
+    try:
+        impl = factory(family)
+    except Exception as e:  # e.g. python-iptables missing: say so on every call
+        broken = DataplaneError(f"iptables: {error_line(e)}")
     while True:
         try:
             name, args = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
-        try:
-            reply: tuple[str, Any] = ("ok", getattr(impl, name)(*args))
-        except BaseException as e:
-            reply = ("err", e if isinstance(e, DataplaneError) else DataplaneError(error_line(e)))
+        reply: tuple[str, Any]
+        if broken is not None:
+            reply = ("err", broken)
+        else:
+            try:
+                reply = ("ok", getattr(impl, name)(*args))
+            except Exception as e:
+                reply = ("err", e if isinstance(e, DataplaneError)
+                         else DataplaneError(error_line(e)))
         try:
             conn.send(reply)
-        except OSError:  # the daemon is gone (killed): nobody to answer, end quietly
+        except OSError:
             return
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "hung up without exiting (killed)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class _HelperGone(Exception):
+    """The helper's channel broke: the helper is dead (or as good as)."""
 
 
 class _FamilyProcess:
-    def __init__(self, family: int) -> None:
-        import multiprocessing
+    """One family's helper process, restarted when it dies.
 
+    The helper is forked from the calling process, so it shares the caller's network
+    namespace, credentials and capabilities. Every request is a complete rendering of
+    the desired state (apply) or a read, so a request that met a dead helper is simply
+    sent again, once, to the new one."""
+
+    def __init__(self, family: int, factory: _Impl = _IptFamily) -> None:
+        self.family = family
+        self._factory = factory
+        self._conn: Connection | None = None
+        self._proc: BaseProcess | None = None
+        self._closed = False
+        self._lost: str | None = None  # how the last helper ended, until one replaces it
+        self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
         ctx = multiprocessing.get_context("fork")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(family, child, self._conn), daemon=True,
-                                 name=f"natfail-iptables-v{family}")
-        self._proc.start()
-        child.close()
-
-    def call(self, name: str, *args: Any) -> Any:
+        ours, theirs = ctx.Pipe()
+        # Until the helper has replaced the daemon's handlers (_own_signals), a signal
+        # would run them in the helper: held back across the fork, the helper takes
+        # it once it is ready (and we once the fork is done).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
         try:
-            self._conn.send((name, args))
-            status, value = self._conn.recv()
-        except (EOFError, OSError) as e:
-            raise DataplaneError(f"iptables helper process died: {error_line(e)}") from None
+            proc = ctx.Process(
+                target=_serve,
+                args=(self.family, theirs, os.getpid(), [*_PARENT_ENDS, ours], self._factory),
+                daemon=True, name=f"natfail-iptables-v{self.family}",
+            )
+            proc.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            theirs.close()
+        _PARENT_ENDS.add(ours)
+        self._conn, self._proc = ours, proc
+
+    def _discard(self, kill: bool = False) -> str:
+        """Closes the channel and reaps the helper (killing it if it lingers, or at once
+        with ``kill``); how it ended."""
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        if conn is not None:
+            _PARENT_ENDS.discard(conn)
+            conn.close()
+        if proc is None:
+            return "not running"
+        if kill:
+            proc.kill()
+        proc.join(_REAP_WAIT)  # it is dead or its channel broke: it ends at once
+        code = proc.exitcode
+        if code is None:
+            proc.kill()
+            proc.join(_REAP_WAIT)
+        return _exit_status(code)
+
+    def _respawn(self) -> None:
+        if self._proc is not None:
+            pid = self._proc.pid
+            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) died: " \
+                f"{self._discard()}"
+        if self._lost is None:
+            self._lost = f"iptables helper for IPv{self.family} was not running"
+        last: BaseException | None = None
+        for attempt in range(_START_TRIES):
+            if attempt:
+                time.sleep(_START_PAUSE)
+            try:
+                self._start()
+            except OSError as e:
+                last = e
+                continue
+            log.warning("%s; started a new one (pid %s)", self._lost, self.pid)
+            self._lost = None
+            return
+        raise DataplaneError(
+            f"{self._lost}; cannot start a new one: "
+            f"{error_line(last) if last else 'unknown error'}"
+        )
+
+    def _exchange(self, name: str, args: tuple[Any, ...]) -> Any:
+        conn = self._conn
+        if conn is None or self._proc is None or not self._proc.is_alive():
+            raise _HelperGone
+        try:
+            conn.send((name, args))
+            status, value = conn.recv()
+        except (EOFError, OSError):
+            raise _HelperGone from None
+        except BaseException:
+            # interrupted between request and reply: a late reply would answer the next
+            # request, so this helper cannot be trusted any more
+            pid = self.pid
+            self._discard(kill=True)
+            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) was stopped " \
+                "after an interrupted request"
+            raise
         if status == "err":
             raise value
         return value
 
+    def call(self, name: str, *args: Any) -> Any:
+        if self._closed:
+            raise DataplaneError("iptables dataplane is closed")
+        try:
+            return self._exchange(name, args)
+        except _HelperGone:
+            self._respawn()
+        try:
+            return self._exchange(name, args)
+        except _HelperGone:
+            pid = self.pid
+            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) died at once: " \
+                f"{self._discard()}"
+            raise DataplaneError(self._lost) from None
+
     def close(self) -> None:
-        self._conn.close()
-        self._proc.join(2)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(2)
+        self._closed = True
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        if conn is not None:
+            _PARENT_ENDS.discard(conn)
+            conn.close()  # EOF: the helper ends by itself
+        if proc is not None:
+            proc.join(_REAP_WAIT)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(_REAP_WAIT)
 
 
 class IptablesDataplane:
@@ -299,7 +516,9 @@ class IptablesDataplane:
 
     Each family's table is handled by a helper process forked at construction (see the
     note at the top); every call waits for it, so the caller sees one commit per table
-    per change. :meth:`close` stops the helpers."""
+    per change. A helper found dead is forked again (one warning logged) and the call
+    sent to the new one; when that fails, the call raises :class:`DataplaneError`.
+    :meth:`close` stops the helpers."""
 
     name = "iptables"
 
@@ -310,6 +529,10 @@ class IptablesDataplane:
     def close(self) -> None:
         for p in self._procs.values():
             p.close()
+
+    def helper_pids(self) -> dict[int, int | None]:
+        """The pid of each family's helper process (None while none runs)."""
+        return {f: p.pid for f, p in self._procs.items()}
 
     def __del__(self) -> None:
         procs = getattr(self, "_procs", {})
