@@ -1,4 +1,4 @@
-"""Conntrack cleanup after a swap: pyroute2 netlink, a constant number of requests.
+"""Conntrack cleanup after a swap and after a DNAT appears: pyroute2 netlink.
 
 After a swap, the flows of the old backend must go: WireGuard keepalives would keep a
 client's conntrack entry (and with it the DNAT to the old backend) alive forever. The
@@ -10,30 +10,69 @@ What :class:`NetlinkConntrack` does for one backend (``mark``, ``address``):
 1. one kernel-side filtered flush by mark (``IPCTNL_MSG_CT_DELETE`` with ``CTA_MARK`` and
    ``CTA_MARK_MASK`` and no tuple): every entry natfail's rules marked for that backend,
    client-started (DNAT) and backend-started (SNAT), IPv4 and IPv6;
-2. kernel-side filtered flushes by tuple (``CTA_TUPLE_ORIG``/``CTA_TUPLE_REPLY`` with a
-   ``CTA_FILTER``, Linux >= 6.3) for entries that carry no mark because they were made
-   before natfail's rules existed: reply source = the backend (client-started, DNATed)
-   and original source = the backend (backend-started);
-3. the table is read again (two kernel-side tuple-filtered dumps: every entry natfail
-   marks for a backend has it as original or reply source), and if anything is left (a
-   packet in flight during the swap can confirm an entry after the first pass) steps
-   1-2 run once more.
+2. flushes by tuple for entries that carry no mark because they were made before
+   natfail's rules existed: reply source = the backend (client-started, DNATed) and
+   original source = the backend (backend-started). IPv4: kernel-side filtered flushes
+   (``CTA_TUPLE_ORIG``/``CTA_TUPLE_REPLY`` with a ``CTA_FILTER``, Linux >= 6.3); IPv6: see
+   below;
+3. the table is read again (two tuple-filtered dumps: every entry natfail marks for a
+   backend has it as original or reply source), and if anything is left (a packet in
+   flight during the swap can confirm an entry after the first pass) steps 1-2 run
+   once more.
 
-That is 3 requests per pass and 2 dumps per read (5 in all, 10 at worst), whatever the
-number of entries: the kernel walks its table once per request. Nothing is deleted
+IPv4: 3 requests per pass and 2 dumps per read (5 in all, 10 at worst), whatever the
+number of entries: the kernel walks its table once per request, nothing is deleted
 entry by entry. The sockets are opened (and pyroute2's machinery warmed up) at
 construction, so the first cleanup pays no setup.
+
+IPv6: Linux's ctnetlink compares an IPv6 address in a ``CTA_FILTER`` the wrong way round
+(``ctnetlink_filter_match_tuple`` treats ``!ipv6_addr_cmp()``, true for EQUAL addresses,
+as a mismatch; seen on 6.18): a filter by an IPv6 address matches every entry with
+ANOTHER address, so a flush by it removes other backends' and other clients' flows and
+keeps the very ones it was for. Its protocol and port comparisons are right. So an
+IPv6 filter carries protocol and port only; the address is matched here on the dumped
+entries, and each entry that matches is deleted by its whole original tuple and its id
+(no filter: it can match nothing else). That is right whether the kernel is fixed or
+not, and costs one dump plus one request per entry removed: few, since the mark flush
+takes every marked entry in one request and only the unmarked ones are left for it.
+No IPv6 address filter is ever sent (:meth:`NetlinkConntrack._tuple_msg` refuses one).
+
+Client flows stranded without DNAT (:meth:`NetlinkConntrack.remove_unnated`): a client
+packet that reaches the gateway while no DNAT for its public endpoint is installed (at
+start, between a table and its DNAT, after someone flushed the nat table) makes an entry
+without NAT, and the client's own retries (WireGuard: a handshake every 5 s) keep it
+alive: the client is cut off for good. Such an entry is exactly one whose REPLY tuple
+has the public endpoint itself as source (a DNATed one has the backend there), whatever
+its mark. So after every transaction that installs, restores or changes a DNAT, the
+daemon removes the UDP entries with that reply source, in the endpoint's family only:
+ONE kernel-side filtered delete for IPv4, one dump and the exact deletes for IPv6.
+Entries DNATed to a backend (natfail's or not), other ports, other protocols (TCP to
+the same port) and the other family stay.
+
+Foreign DNAT (:meth:`NetlinkConntrack.public_flows`): one filtered dump of the UDP
+entries whose ORIGINAL destination is the public endpoint (kernel-side by protocol and
+port, and by address for IPv4), tallied by reply source: the public endpoint (not
+NATed), a backend (natfail's DNAT), or anything else (a DNAT that is not natfail's and
+comes first). Every dumped entry is checked again here (address, port, protocol), so a
+kernel that ignored or inverted a filter costs time, never a wrong count nor a wrong
+IPv6 deletion (IPv4 flushes trust the kernel's IPv4 comparisons, which are right and
+tested in a namespace).
 
 Guard: pyroute2's ``flush(mark=None)`` flushes the WHOLE table, and mark 0 (with a full
 mask) matches nearly every entry. :func:`check_mark` refuses both, and any mark that is
 not natfail's (see :mod:`natfail.core.ruleset`), with :class:`ConntrackMisuse`: that is
-natfail's own bug, never something to retry.
+natfail's own bug, never something to retry. A filtered delete without its address, port
+and protocol would flush a whole family; :func:`check_public` and a check of the filter's
+flags before every filtered delete refuse that the same way.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import socket
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from natfail.config import Endpoint
@@ -46,11 +85,17 @@ __all__ = [
     "ConntrackError",
     "ConntrackMisuse",
     "NetlinkConntrack",
+    "PublicFlows",
     "check_mark",
+    "check_public",
+    "tally_public_flows",
 ]
 
 IPPROTO_UDP: Final = 17
 _NFNETLINK_V1: Final = 1  # version 1: the filter applies to nfgen_family only
+# pyroute2's FILTER_FLAG_CTA_* bits that a source filter must carry: without any of them
+# the kernel would match far more than one endpoint's flows
+_SOURCE_FLAGS: Final = (1 << 0) | (1 << 3) | (1 << 4)  # IP_SRC, PROTO_NUM, PROTO_SRC_PORT
 
 
 class ConntrackError(RuntimeError):
@@ -70,6 +115,49 @@ def check_mark(mark: object) -> int:
     if not is_natfail_mark(mark):
         raise ConntrackMisuse(f"refusing a conntrack flush by mark {mark:#x}: not a natfail mark")
     return mark
+
+
+def check_public(public: object) -> Endpoint:
+    """``public`` if it is an :class:`Endpoint`; else ConntrackMisuse (a filter built
+    from anything else could miss its address or port and match a whole family)."""
+    if not isinstance(public, Endpoint):
+        raise ConntrackMisuse(f"refusing a conntrack request for {public!r}: not an endpoint")
+    return public
+
+
+@dataclass(frozen=True)
+class PublicFlows:
+    """The UDP entries whose original destination is one public endpoint: ``total``,
+    ``unnated`` (reply source = the public endpoint: no DNAT rewrote them) and the count
+    per reply source (the public endpoint itself, natfail's backends, or whatever a
+    foreign DNAT sent them to)."""
+
+    total: int
+    unnated: int
+    by_reply_source: dict[Endpoint, int] = field(default_factory=dict)
+
+
+def tally_public_flows(
+    public: Endpoint, entries: Iterable[tuple[Endpoint, Endpoint]]
+) -> PublicFlows:
+    """:class:`PublicFlows` from ``(original destination, reply source)`` pairs; pairs
+    for another destination are ignored (the kernel filter is trusted for speed only)."""
+    by_source: dict[Endpoint, int] = {}
+    for orig_dst, reply_src in entries:
+        if orig_dst != public:
+            continue
+        by_source[reply_src] = by_source.get(reply_src, 0) + 1
+    return PublicFlows(sum(by_source.values()), by_source.get(public, 0), by_source)
+
+
+def _endpoint(addr: object, port: object) -> Endpoint | None:
+    """An entry's address and port as an Endpoint; None when the kernel gave none."""
+    if not isinstance(addr, str) or not isinstance(port, int) or isinstance(port, bool):
+        return None
+    try:
+        return Endpoint(ipaddress.ip_address(addr), port)
+    except ValueError:
+        return None  # port 0 and the like: not a flow to count
 
 
 @dataclass(frozen=True)
@@ -94,6 +182,16 @@ class Conntrack(Protocol):
         """Entries of one backend: with its mark, or to/from its address:port (UDP)."""
         ...
 
+    def remove_unnated(self, public: Endpoint) -> int:
+        """Removes the UDP entries to ``public`` that no DNAT rewrote (reply source =
+        ``public``), whatever their mark; returns the requests sent. Call after every
+        successful transaction that installs, restores or changes its DNAT."""
+        ...
+
+    def public_flows(self, public: Endpoint) -> PublicFlows:
+        """The UDP entries whose original destination is ``public``, by reply source."""
+        ...
+
 
 class NetlinkConntrack:
     """:class:`Conntrack` over ctnetlink (pyroute2), in the caller's network namespace."""
@@ -113,7 +211,7 @@ class NetlinkConntrack:
         for s in self._socks.values():
             s.close()
 
-    # -- primitives (each ONE netlink request) -----------------------------------------
+    # -- primitives ---------------------------------------------------------------------
 
     def flush_mark(self, mark: int) -> None:
         """Kernel-side flush of every entry (all families) whose mark is ``mark``."""
@@ -126,12 +224,19 @@ class NetlinkConntrack:
             raise ConntrackError(f"conntrack flush by mark {mark:#x}: {error_line(e)}") from None
 
     def _tuple_msg(self, address: Endpoint, direction: str) -> Any:
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+        """A filtered delete of the UDP entries whose ``direction`` source is ``address``
+        (IPv4 only: see the module's docstring about IPv6)."""
+        from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-        fam = socket.AF_INET if address.family == 4 else socket.AF_INET6
-        tup = NFCTAttrTuple(family=fam, saddr=str(address.ip), proto=IPPROTO_UDP,
-                            sport=address.port)
+        if address.family != 4:
+            raise ConntrackMisuse(f"refusing a kernel-side filter on {address}: Linux "
+                                  "matches IPv6 addresses in it the wrong way round")
+        tup = _source_filter(address)
         tup.attrs()  # computes tup.flags
+        if tup.flags & _SOURCE_FLAGS != _SOURCE_FLAGS:
+            # a filter without them matches the whole family: the delete would flush it
+            raise ConntrackMisuse(f"refusing a conntrack filter on {address}: flags "
+                                  f"{tup.flags:#x} lack address, port or protocol")
         flags_attr = "CTA_FILTER_ORIG_FLAGS" if direction == "orig" else "CTA_FILTER_REPLY_FLAGS"
         msg = nfct_msg.create_from(
             **{f"tuple_{direction}": tup},
@@ -141,25 +246,66 @@ class NetlinkConntrack:
         return msg
 
     def flush_source(self, address: Endpoint, direction: str) -> None:
-        """Kernel-side flush of UDP entries whose ``direction`` ("orig" or "reply")
-        tuple has source ``address``."""
+        """Removes the UDP entries whose ``direction`` ("orig" or "reply") tuple has
+        source ``address``: one kernel-side filtered flush (IPv4); one dump filtered by
+        port and one exact delete per matching entry (IPv6)."""
+        what = f"conntrack flush of {direction} source {address}"
+        if address.family == 4:
+            self._request_delete(self._tuple_msg(address, direction), 4, what)
+            return
+        for flow in self._dump_source(address, direction):
+            self._delete_exact(flow, what)
+
+    def _request_delete(self, msg: Any, family: int, what: str) -> None:
+        """One IPCTNL_MSG_CT_DELETE; an entry already gone (ENOENT) is no error."""
         from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+        from pyroute2.netlink.exceptions import NetlinkError
         from pyroute2.netlink.nfnetlink.nfctsocket import (
             IPCTNL_MSG_CT_DELETE,
             terminate_error_msg,
         )
 
         self.requests += 1
-        msg = self._tuple_msg(address, direction)
         try:
-            self._socks[address.family].request(
+            self._socks[family].request(
                 msg, IPCTNL_MSG_CT_DELETE, msg_flags=NLM_F_REQUEST | NLM_F_ACK,
                 terminate=terminate_error_msg,
             )
+        except NetlinkError as e:
+            if e.code != errno.ENOENT:  # ENOENT: expired or removed since the dump
+                raise ConntrackError(f"{what}: {error_line(e)}") from None
         except Exception as e:
-            raise ConntrackError(
-                f"conntrack flush of {direction} source {address}: {error_line(e)}"
-            ) from None
+            raise ConntrackError(f"{what}: {error_line(e)}") from None
+
+    def _delete_exact(self, flow: _Flow, what: str) -> None:
+        """Deletes one dumped entry: its whole original tuple and its id, no filter (so
+        it can never match another entry, nor a recreated one with the same tuple)."""
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+
+        o = flow.orig
+        if None in (o.saddr, o.daddr, o.sport, o.dport) or o.proto != IPPROTO_UDP:
+            return  # never happens for a UDP entry; an incomplete tuple is not sent
+        tup = NFCTAttrTuple(family=o.family, saddr=o.saddr, daddr=o.daddr, proto=o.proto,
+                            sport=o.sport, dport=o.dport)
+        msg = nfct_msg.create_from(tuple_orig=tup, id=flow.ct_id, zone=flow.zone)
+        self._request_delete(msg, 4 if o.family == socket.AF_INET else 6, what)
+
+    def _dump(self, family: int, what: str, **kwargs: Any) -> list[_Flow]:
+        """One dump (kernel-side filter in ``kwargs``), parsed."""
+        self.requests += 1
+        fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        try:
+            flows = [_flow(fam, msg) for msg in self._socks[family].dump(**kwargs)]
+        except Exception as e:
+            raise ConntrackError(f"conntrack dump of {what}: {error_line(e)}") from None
+        return [f for f in flows if f is not None]
+
+    def _dump_source(self, address: Endpoint, direction: str) -> list[_Flow]:
+        """The UDP entries whose ``direction`` tuple has source ``address`` (one dump)."""
+        flows = self._dump(address.family, f"the {direction} source {address}",
+                           **{f"tuple_{direction}": _source_filter(address)})
+        # the kernel filtered by address (IPv4 only), port and protocol; check all again
+        return [f for f in flows if _is_source(getattr(f, direction), address)]
 
     def _dump_count(self, **kwargs: Any) -> int:
         n = 0
@@ -170,45 +316,49 @@ class NetlinkConntrack:
 
     # -- the protocol -------------------------------------------------------------------
 
-    def count_backend(self, mark: int, address: Endpoint) -> int:
+    def remove_unnated(self, public: Endpoint) -> int:
+        check_public(public)
+        start = self.requests
+        # reply source = the public endpoint itself: no DNAT rewrote the flow (one that a
+        # DNAT rewrote has the backend there, and stays)
+        self.flush_source(public, "reply")
+        return self.requests - start
+
+    def public_flows(self, public: Endpoint) -> PublicFlows:
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
+        check_public(public)
+        fam = socket.AF_INET if public.family == 4 else socket.AF_INET6
+        tup = NFCTAttrTuple(family=fam, proto=IPPROTO_UDP, dport=public.port,
+                            daddr=str(public.ip) if public.family == 4 else None)
+        flows = self._dump(public.family, f"the flows to {public}", tuple_orig=tup)
+        pairs: list[tuple[Endpoint, Endpoint]] = []
+        for f in flows:
+            if f.orig.proto != IPPROTO_UDP:
+                continue
+            dst = _endpoint(f.orig.daddr, f.orig.dport)
+            src = _endpoint(f.reply.saddr, f.reply.sport)
+            if dst is not None and src is not None:
+                pairs.append((dst, src))
+        return tally_public_flows(public, pairs)
+
+    def count_backend(self, mark: int, address: Endpoint) -> int:
         check_mark(mark)
-        fam = socket.AF_INET if address.family == 4 else socket.AF_INET6
-        sock = self._socks[address.family]
         n = 0
         try:
             for s in self._socks.values():  # marked entries of both families
                 self.requests += 1
                 n += self._dump_count(sock=s, mark=mark, mark_mask=MARK_MASK)
-            # unmarked entries (a marked one is counted twice: fine for "anything left?")
-            for direction in ("orig", "reply"):
-                tup = NFCTAttrTuple(family=fam, saddr=str(address.ip), proto=IPPROTO_UDP,
-                                    sport=address.port)
-                self.requests += 1
-                n += self._dump_count(sock=sock, **{f"tuple_{direction}": tup})
         except Exception as e:
             raise ConntrackError(f"conntrack dump: {error_line(e)}") from None
-        return n
+        # unmarked entries (a marked one is counted twice: fine for "anything left?")
+        return n + self._leftover(address)
 
     def _leftover(self, address: Endpoint) -> int:
         """Entries still pointing at the backend: every entry natfail's rules mark is a
         DNAT to it (reply source = the backend) or an SNAT of its own traffic (original
         source = the backend), so two tuple-filtered dumps see marked and unmarked ones."""
-        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
-
-        fam = socket.AF_INET if address.family == 4 else socket.AF_INET6
-        n = 0
-        try:
-            for direction in ("orig", "reply"):
-                tup = NFCTAttrTuple(family=fam, saddr=str(address.ip), proto=IPPROTO_UDP,
-                                    sport=address.port)
-                self.requests += 1
-                n += self._dump_count(sock=self._socks[address.family],
-                                      **{f"tuple_{direction}": tup})
-        except Exception as e:
-            raise ConntrackError(f"conntrack dump: {error_line(e)}") from None
-        return n
+        return sum(len(self._dump_source(address, d)) for d in ("orig", "reply"))
 
     def remove_backend(self, mark: int, address: Endpoint) -> CleanupResult:
         check_mark(mark)
@@ -227,3 +377,41 @@ class NetlinkConntrack:
         self.flush_mark(mark)
         self.flush_source(address, "orig")
         self.flush_source(address, "reply")
+
+
+@dataclass(frozen=True)
+class _Flow:
+    """One dumped entry: its tuples (pyroute2 NFCTAttrTuple), id and zone."""
+
+    orig: Any
+    reply: Any
+    ct_id: int | None
+    zone: int | None
+
+
+def _flow(fam: int, msg: Any) -> _Flow | None:
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    orig_nla, reply_nla = msg.get_attr("CTA_TUPLE_ORIG"), msg.get_attr("CTA_TUPLE_REPLY")
+    if orig_nla is None or reply_nla is None:
+        return None
+    try:
+        orig = NFCTAttrTuple.from_netlink(fam, orig_nla)
+        reply = NFCTAttrTuple.from_netlink(fam, reply_nla)
+    except (AttributeError, NotImplementedError):
+        return None  # a tuple without its IP or protocol part: nothing natfail made
+    return _Flow(orig, reply, msg.get_attr("CTA_ID"), msg.get_attr("CTA_ZONE"))
+
+
+def _source_filter(address: Endpoint) -> Any:
+    """The kernel-side filter for source ``address``: protocol and port, and the
+    address for IPv4 only (Linux inverts an IPv6 one; the caller checks it)."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    fam = socket.AF_INET if address.family == 4 else socket.AF_INET6
+    return NFCTAttrTuple(family=fam, proto=IPPROTO_UDP, sport=address.port,
+                         saddr=str(address.ip) if address.family == 4 else None)
+
+
+def _is_source(tup: Any, address: Endpoint) -> bool:
+    return tup.proto == IPPROTO_UDP and _endpoint(tup.saddr, tup.sport) == address

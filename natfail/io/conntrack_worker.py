@@ -12,11 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from natfail.config import Endpoint
-from natfail.io.conntrack import CleanupResult, Conntrack
+from natfail.io.conntrack import CleanupResult, Conntrack, PublicFlows
 
 
 class AsyncConntrack(Protocol):
     async def remove_backend(self, mark: int, address: Endpoint) -> CleanupResult: ...
+
+    async def remove_unnated(self, public: Endpoint) -> int: ...
+
+    async def public_flows(self, public: Endpoint) -> PublicFlows: ...
 
 
 class ConntrackWorker:
@@ -26,6 +30,14 @@ class ConntrackWorker:
 
     async def remove_backend(self, mark: int, address: Endpoint) -> CleanupResult:
         future = self._pool.submit(self._conntrack.remove_backend, mark, address)
+        return await asyncio.wrap_future(future)
+
+    async def remove_unnated(self, public: Endpoint) -> int:
+        future = self._pool.submit(self._conntrack.remove_unnated, public)
+        return await asyncio.wrap_future(future)
+
+    async def public_flows(self, public: Endpoint) -> PublicFlows:
+        future = self._pool.submit(self._conntrack.public_flows, public)
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
