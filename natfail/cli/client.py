@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -30,7 +31,10 @@ def call(path: Path, request: dict[str, Any], timeout: float = TIMEOUT) -> dict[
         except OSError as exc:
             raise Unreachable(f"daemon unreachable at {path}: {exc.strerror}") from None
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
+            # A daemon with no room for us answers at once and closes before
+            # reading: its refusal is still ours to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n") and len(data) < MAX_REPLY:
                 chunk = sock.recv(65536)

@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from natfail.cli.common import ArgumentParser, Refused, UsageError, guarded
+
+if TYPE_CHECKING:
+    from natfail.config import Config
 
 PROG = "natfail"
 
@@ -46,6 +50,21 @@ def _run_daemon(config_path: Path | None) -> int:
     problems = cfg.check_files(conf)
     if problems:
         raise UsageError(problems[0])
+    from natfail.io.instance_lock import InstanceLock, LockError
+
+    # Before anything touches the system: a second daemon must leave the
+    # first one's rules, conntrack, state and socket alone.
+    try:
+        lock = InstanceLock.acquire(conf.daemon.socket.parent)
+    except LockError as exc:
+        raise Refused(str(exc)) from None
+    try:
+        return _run_locked(conf)
+    finally:
+        lock.release()
+
+
+def _run_locked(conf: Config) -> int:
     _setup_logging()
     import asyncio
 
@@ -53,9 +72,10 @@ def _run_daemon(config_path: Path | None) -> int:
     from natfail.io import nft_monitor
     from natfail.io.conntrack import NetlinkConntrack
     from natfail.io.conntrack_worker import ConntrackWorker
+    from natfail.io.control import ControlError
     from natfail.io.dataplane import Dataplane, DataplaneError
     from natfail.io.hooks import SubprocessHookRunner
-    from natfail.io.metrics import Metrics
+    from natfail.io.metrics import Metrics, MetricsError
     from natfail.io.probe_transport import UdpProbeTransport
     from natfail.io.sdnotify import SdNotify
     from natfail.io.timestamps import STATE_FILE, TimestampClock
@@ -87,6 +107,8 @@ def _run_daemon(config_path: Path | None) -> int:
     )
     try:
         return asyncio.run(daemon.run())
+    except (ControlError, MetricsError) as exc:
+        raise Refused(str(exc)) from None
     finally:
         conntrack.close()
         close = getattr(dataplane, "close", None)

@@ -4,27 +4,53 @@ reply per line.
 The daemon decides what a request means (a `Handler`); this module only
 frames, limits, authorizes and answers. Nothing a client sends can raise out
 of here: malformed input gets an error reply, a client that sends too much or
-too slowly is cut off, and the server goes on."""
+too slowly is cut off, and the server goes on.
+
+Connections are bounded so that root always gets in: every user but root
+together may hold `NONROOT_CONNECTIONS` of the `MAX_CONNECTIONS`, one user at
+most `PER_UID_CONNECTIONS`, and a connection that has not sent its request
+within `READ_TIMEOUT` is answered with an error and closed. Past the limits a
+connection is refused at once with an error reply; when root itself has used
+every slot, new connections wait in the listen backlog for a free one."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from natfail import jsonlimit
+from natfail.io.loop_errors import RepeatLog
+from natfail.oneline import error_line
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST: Final = 64 * 1024
-READ_TIMEOUT: Final = 5.0
-MAX_CLIENTS: Final = 32
+# natfailctl sends its request as soon as it connects; a connection that has
+# not sent a whole one by then only holds a slot.
+READ_TIMEOUT: Final = 3.0
+MAX_CONNECTIONS: Final = 128
+NONROOT_CONNECTIONS: Final = 64
+PER_UID_CONNECTIONS: Final = 16
+# The kernel caps it at net.core.somaxconn (4096 on current kernels).
+BACKLOG: Final = 1024
+# Connections accepted per wakeup of the listener, so a flood cannot starve the loop.
+ACCEPT_BATCH: Final = 64
+# After EMFILE and the like: the listener rests, rather than spin on a
+# backlog it cannot take from.
+ACCEPT_RETRY: Final = 0.5
+MAX_DEPTH: Final = jsonlimit.MAX_DEPTH
+_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # Commands a member of the socket's group may run; root may run every one.
 READ_ONLY_COMMANDS: Final = frozenset({"status", "ping"})
@@ -94,78 +120,255 @@ def error_reply(message: str, code: int = 1) -> dict[str, Any]:
     return {"ok": False, "error": message, "code": code}
 
 
+class ControlError(Exception):
+    """The control socket cannot be set up; the message is one line."""
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket nobody listens on (a killed daemon's). A live one is
+    never removed: the instance lock keeps a second natfail out, and anything
+    else listening there is not ours to take over."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"cannot check {path}: {exc.strerror or error_line(exc)}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    except FileNotFoundError:
+        return
+    except BlockingIOError:  # its backlog is full: very much alive
+        pass
+    except OSError as exc:
+        raise ControlError(f"cannot check {path}: {exc.strerror or error_line(exc)}") from None
+    finally:
+        probe.close()
+    raise ControlError(f"another process listens on {path}; not replacing its socket")
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Handler) -> None:
         self.path = path
         self._handler = handler
-        self._server: asyncio.AbstractServer | None = None
-        self._clients = 0
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open = 0
+        self._by_uid: dict[int, int] = {}
+        self._repeats = RepeatLog(log)
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            # A socket left by a killed daemon; a live one would hold its
-            # own path, but only one daemon runs per config (systemd).
-            self.path.unlink()
-        # Owner and group only; the group (set by the unit) may read status.
-        old_umask = os.umask(0o117)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._repeats = RepeatLog(log, loop=loop)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_REQUEST
-            )
-        finally:
-            os.umask(old_umask)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlError(f"cannot create {self.path.parent}: "
+                               f"{exc.strerror or error_line(exc)}") from None
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # Owner and group only; the group (set by the unit) may read status.
+            old_umask = os.umask(0o117)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old_umask)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ControlError(f"cannot listen on {self.path}: "
+                               f"{exc.strerror or error_line(exc)}") from None
+        self._listener = sock
+        self._resume()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self._pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        if self._tasks:
+            # A request under way gets a moment to finish; idle ones are cut.
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=1.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._clients += 1
-        try:
-            if self._clients > MAX_CLIENTS:
+    # -- accepting -------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if self._accepting or self._listener is None or self._loop is None:
+            return
+        self._loop.add_reader(self._listener.fileno(), self._accept_ready)
+        self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting and self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+        self._accepting = False
+
+    def _rest(self) -> None:
+        self._pause()
+        if self._retry is None and self._loop is not None:
+            self._retry = self._loop.call_later(ACCEPT_RETRY, self._after_rest)
+
+    def _after_rest(self) -> None:
+        self._retry = None
+        if self._open < MAX_CONNECTIONS:
+            self._resume()
+
+    def _accept_ready(self) -> None:
+        assert self._listener is not None
+        for _ in range(ACCEPT_BATCH):
+            if self._open >= MAX_CONNECTIONS:
+                # Root holds every slot: the rest wait in the backlog.
+                self._pause()
                 return
-            peer = peer_of(writer.get_extra_info("socket"))
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                what = ("out of file descriptors or memory"
+                        if exc.errno in _RESOURCE_ERRORS else "accept failed")
+                self._repeats.report(f"control: cannot accept connections ({what}): "
+                                     f"{error_line(exc)}")
+                self._rest()
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            conn.setblocking(False)
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        if peer.uid != 0:
+            nonroot = self._open - self._by_uid.get(0, 0)
+            mine = self._by_uid.get(peer.uid, 0)
+            if nonroot >= NONROOT_CONNECTIONS or mine >= PER_UID_CONNECTIONS:
+                self._refuse(conn, peer)
+                return
+        self._open += 1
+        self._by_uid[peer.uid] = self._by_uid.get(peer.uid, 0) + 1
+        task = self._loop.create_task(self._serve(conn, peer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refuse(self, conn: socket.socket, peer: Peer) -> None:
+        # A reply fits in the empty send buffer of a new connection, so this
+        # never blocks; the client reads it before it sees the close.
+        with contextlib.suppress(OSError):
+            conn.send(_encode(error_reply("too many connections to the control socket; "
+                                          "try again later", 1)))
+        conn.close()
+        self._repeats.report(
+            "control: refused connections over the limit",
+            f"control: refused a connection from uid {peer.uid} (pid {peer.pid}): "
+            f"too many open (at most {PER_UID_CONNECTIONS} per user and "
+            f"{NONROOT_CONNECTIONS} for all but root, who always keeps "
+            f"{MAX_CONNECTIONS - NONROOT_CONNECTIONS})",
+        )
+
+    def _release(self, peer: Peer) -> None:
+        self._open -= 1
+        left = self._by_uid.get(peer.uid, 0) - 1
+        if left > 0:
+            self._by_uid[peer.uid] = left
+        else:
+            self._by_uid.pop(peer.uid, None)
+        # A descriptor was freed, so an accept that failed for want of one may
+        # succeed now: no need to sit out the rest of the pause.
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._open < MAX_CONNECTIONS:
+            self._resume()
+
+    # -- one connection ----------------------------------------------------------------
+
+    async def _serve(self, conn: socket.socket, peer: Peer) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_REQUEST)
             reply = await self._one_request(reader, peer)
-            writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+            writer.write(_encode(reply))
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             pass
-        except Exception:  # a bug in a handler must not stop the daemon
-            log.exception("control: request failed")
+        except Exception as exc:  # a bug in a handler must not stop the daemon
+            self._repeats.report(f"control: request failed: {type(exc).__name__}: "
+                                 f"{error_line(exc)}", level=logging.ERROR, exc_info=exc)
         finally:
-            self._clients -= 1
-            writer.close()
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            self._release(peer)
+            if writer is None:
+                conn.close()
+            else:
+                writer.close()
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    def _bad(self, peer: Peer, message: str) -> dict[str, Any]:
+        """The reply to a malformed request, logged at most once a minute per
+        kind (a flood of them must not flood the journal)."""
+        self._repeats.report(f"control: bad request: {message}",
+                             f"control: bad request from uid {peer.uid} (pid {peer.pid}): "
+                             f"{message}")
+        return error_reply(message, 2)
 
     async def _one_request(self, reader: asyncio.StreamReader, peer: Peer) -> dict[str, Any]:
         try:
             line = await asyncio.wait_for(reader.readuntil(b"\n"), READ_TIMEOUT)
         except asyncio.TimeoutError:
-            return error_reply("request timed out", 2)
+            return self._bad(peer, "request timed out")
         except asyncio.LimitOverrunError:
-            return error_reply(f"request larger than {MAX_REQUEST} bytes", 2)
+            return self._bad(peer, f"request larger than {MAX_REQUEST} bytes")
         except asyncio.IncompleteReadError as exc:
             line = exc.partial
             if not line.strip():
                 return error_reply("empty request", 2)
         try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            return error_reply("request is not JSON", 2)
+            request = jsonlimit.loads(line, max_depth=MAX_DEPTH)
+        except ValueError as exc:  # UnicodeDecodeError is one
+            if str(exc).startswith("JSON nested deeper"):
+                return self._bad(peer, f"request nested deeper than {MAX_DEPTH} levels")
+            return self._bad(peer, "request is not JSON")
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            return error_reply("request must be an object with a string 'command'", 2)
+            return self._bad(peer, "request must be an object with a string 'command'")
         command = request["command"]
         # The group may change under a running daemon (the unit or an
         # operator sets it), so it is read at every request.
         socket_gid = os.stat(self.path).st_gid
         if not peer.may(command, socket_gid):
-            log.warning("control: refused %r from uid %d (pid %d)", command, peer.uid, peer.pid)
+            self._repeats.report(
+                f"control: refused {command[:64]!r} (not authorized)",
+                f"control: refused {command[:64]!r} from uid {peer.uid} (pid {peer.pid})")
             if peer.in_group(socket_gid):
                 return error_reply(f"{command}: permission denied (only root may do this)", 1)
             return error_reply("permission denied: not root and not in the socket's group", 1)

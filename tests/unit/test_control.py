@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ async def _handler(request: dict[str, Any], peer: control.Peer) -> dict[str, Any
         raise control.RequestError("backend b is down (use --force)", 1)
     if request["command"] == "boom":
         raise RuntimeError("a bug")
+    if request["command"] == "slow":  # holds its slot a moment
+        await asyncio.sleep(0.02)
     return {"message": f"did {request['command']}"}
 
 
@@ -205,3 +208,230 @@ def test_authorization_by_peer_credentials(mode: int) -> None:
         _with_server(body, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- hostile clients: deep JSON, floods, idle connections -----------------------------
+
+
+def test_deeply_nested_json_gets_an_error_reply_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """60,000 levels raised RecursionError with a traceback and no reply; a
+    flood of them wrote megabytes of log."""
+    unclosed = b"[" * 60_000 + b"\n"
+    balanced = b'{"command": "status", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}\n"
+
+    async def body(path: Path) -> None:
+        for i in range(50):
+            reply = json.loads(await _raw(path, unclosed if i % 2 else balanced))
+            assert reply["ok"] is False and reply["code"] == 2
+            assert f"nested deeper than {control.MAX_DEPTH} levels" in reply["error"]
+        assert (await _call(path, {"command": "status"}))["ok"]
+
+    with caplog.at_level("INFO", logger="natfail"):
+        _with_server(body, tmp_path)
+    lines = [r for r in caplog.records if "nested deeper" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert lines[0].exc_info is None and "Traceback" not in caplog.text
+
+
+def test_a_flood_of_garbage_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body(path: Path) -> None:
+        for _ in range(100):
+            assert json.loads(await _raw(path, b"garbage\n"))["ok"] is False
+
+    with caplog.at_level("INFO", logger="natfail"):
+        _with_server(body, tmp_path)
+    assert len([r for r in caplog.records if "not JSON" in r.getMessage()]) == 1
+
+
+def _hold_connections(path: Path, uid: int, count: int) -> tuple[int, int, int]:
+    """A child that drops to `uid`, opens `count` connections that send
+    nothing, reports how many the server left open (not answered at once),
+    and holds them until the returned pipe closes. Returns (pid, held, pipe)."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            socks = []
+            for _ in range(count):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(str(path))
+                socks.append(s)
+            time.sleep(0.5)
+            held = 0
+            for s in socks:
+                s.setblocking(False)
+                try:
+                    s.recv(1)  # a refusal reply, or the close
+                except BlockingIOError:
+                    held += 1
+                except OSError:
+                    pass
+            os.write(ready_w, str(held).encode())
+            os.read(hold_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(hold_r)
+    held = int(os.read(ready_r, 16) or b"-1")
+    os.close(ready_r)
+    return pid, held, hold_w
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_idle_connections_of_other_users_never_lock_root_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """About 40 idle connections from a member of the group locked root out:
+    0 of 89 root calls succeeded, and nothing was logged."""
+    monkeypatch.setattr(control, "READ_TIMEOUT", 30.0)  # they stay idle throughout
+    directory = Path(tempfile.mkdtemp(prefix="natfail-ctl-"))
+    directory.chmod(0o755)
+    many = control.MAX_CONNECTIONS + 20  # more than all slots, from two users
+
+    async def body(path: Path) -> None:
+        path.chmod(0o666)
+        children = []
+        try:
+            for uid in (NOBODY, NOBODY - 1):
+                pid, held, hold = await asyncio.to_thread(_hold_connections, path, uid, many)
+                children.append((pid, hold))
+                assert held == control.PER_UID_CONNECTIONS, held
+            for _ in range(20):
+                assert (await _call(path, {"command": "status"}))["uid"] == 0
+            # the others get a refusal they can read, not a reset
+            refused = await asyncio.to_thread(_as_user, path, NOBODY, NOBODY, [], "status")
+            assert "too many connections" in refused, refused
+        finally:
+            # every pipe first: a later child holds a copy of an earlier one's
+            for _pid, hold in children:
+                os.close(hold)
+            for pid, _hold in children:
+                await asyncio.to_thread(os.waitpid, pid, 0)
+
+    with caplog.at_level("INFO", logger="natfail"):
+        try:
+            _with_server(body, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert len(refusals) == 1, caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_every_user_but_root_shares_a_bounded_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(control, "READ_TIMEOUT", 30.0)
+    directory = Path(tempfile.mkdtemp(prefix="natfail-ctl-"))
+    directory.chmod(0o755)
+    users = control.NONROOT_CONNECTIONS // control.PER_UID_CONNECTIONS + 1
+
+    async def body(path: Path) -> None:
+        path.chmod(0o666)
+        children = []
+        try:
+            held_total = 0
+            for i in range(users):
+                pid, held, hold = await asyncio.to_thread(
+                    _hold_connections, path, NOBODY - 100 - i, control.PER_UID_CONNECTIONS)
+                children.append((pid, hold))
+                held_total += held
+            assert held_total == control.NONROOT_CONNECTIONS
+            assert (await _call(path, {"command": "status"}))["ok"]
+        finally:
+            # every pipe first: a later child holds a copy of an earlier one's
+            for _pid, hold in children:
+                os.close(hold)
+            for pid, _hold in children:
+                await asyncio.to_thread(os.waitpid, pid, 0)
+
+    try:
+        _with_server(body, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_idle_connections_are_cut_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "READ_TIMEOUT", 0.3)
+
+    async def body(path: Path) -> None:
+        idle = [await asyncio.open_unix_connection(str(path)) for _ in range(10)]
+        for reader, writer in idle:
+            reply = json.loads(await asyncio.wait_for(reader.read(), 10))
+            assert "timed out" in reply["error"]
+            writer.close()
+        assert (await _call(path, {"command": "status"}))["ok"]
+
+    _with_server(body, tmp_path)
+
+
+def test_root_past_every_slot_waits_rather_than_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 concurrent clients: none may be reset; the ones past the slots wait
+    in the backlog for a free one."""
+    monkeypatch.setattr(control, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(control, "NONROOT_CONNECTIONS", 4)
+
+    async def body(path: Path) -> None:
+        request = b'{"command": "slow"}\n'
+        replies = await asyncio.gather(*(_raw(path, request) for _ in range(300)))
+        assert all(json.loads(r)["ok"] for r in replies)
+
+    _with_server(body, tmp_path)
+
+
+# -- the socket's path ------------------------------------------------------------------
+
+
+def test_a_stale_socket_is_replaced(tmp_path: Path) -> None:
+    stale = tmp_path / "ctl.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(stale))
+    sock.close()
+
+    async def body(path: Path) -> None:
+        assert (await _call(path, {"command": "status"}))["ok"]
+
+    _with_server(body, tmp_path)
+
+
+def test_a_live_socket_is_never_taken_over(tmp_path: Path) -> None:
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(tmp_path / "ctl.sock"))
+    live.listen(1)
+    inode = (tmp_path / "ctl.sock").stat().st_ino
+
+    async def main() -> None:
+        server = control.ControlServer(tmp_path / "ctl.sock", _handler)
+        with pytest.raises(control.ControlError, match="another process listens on"):
+            await server.start()
+        await server.close()
+
+    try:
+        asyncio.run(main())
+        assert (tmp_path / "ctl.sock").stat().st_ino == inode
+    finally:
+        live.close()
+
+
+def test_a_file_at_the_socket_path_is_not_removed(tmp_path: Path) -> None:
+    (tmp_path / "ctl.sock").write_text("precious")
+
+    async def main() -> None:
+        server = control.ControlServer(tmp_path / "ctl.sock", _handler)
+        with pytest.raises(control.ControlError, match="is not a socket"):
+            await server.start()
+
+    asyncio.run(main())
+    assert (tmp_path / "ctl.sock").read_text() == "precious"

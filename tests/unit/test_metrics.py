@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import gzip
 import socket
+import threading
 import urllib.request
 
+import pytest
 from prometheus_client import generate_latest
 
-from natfail.io.metrics import Metrics
+from natfail.io import metrics as metrics_mod
+from natfail.io.metrics import Metrics, MetricsError
+from natfail.lab import wait_until
 
 
 def _text(metrics: Metrics) -> str:
@@ -30,15 +35,98 @@ def test_events_become_series() -> None:
     assert 'service="wg0"' not in _text(m)
 
 
-def test_serves_http_on_loopback() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def _serving() -> tuple[Metrics, int]:
     m = Metrics()
     m.health("wg0", "a", True)
-    m.serve("127.0.0.1", port)
+    m.serve("127.0.0.1", 0)
+    assert m.address is not None
+    return m, m.address[1]
+
+
+def _scrape(port: int, path: str = "/metrics") -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+        data: bytes = reply.read()
+        return data
+
+
+def test_serves_http_on_loopback() -> None:
+    m, port = _serving()
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            assert b"natfail_backend_up" in reply.read()
+        assert b"natfail_backend_up" in _scrape(port)
+        assert b"natfail_backend_up" in _scrape(port, "/")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _scrape(port, "/nope")
+        assert err.value.code == 404
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                         headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.headers["Content-Encoding"] == "gzip"
+            assert b"natfail_backend_up" in gzip.decompress(reply.read())
+        head = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as reply:
+            assert int(reply.headers["Content-Length"]) > 0 and reply.read() == b""
     finally:
         m.close()
+
+
+def test_garbage_and_oversized_requests_get_an_error() -> None:
+    m, port = _serving()
+    try:
+        for payload, status in ((b"hello\r\n\r\n", b"400"), (b"POST /metrics HTTP/1.1\r\n\r\n",
+                                                            b"405"),
+                                (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000, b"431")):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(payload)
+                assert s.recv(64).split()[1] == status
+        assert b"natfail_backend_up" in _scrape(port)
+    finally:
+        m.close()
+
+
+def test_a_port_in_use_is_one_clear_error() -> None:
+    m, port = _serving()
+    try:
+        with pytest.raises(MetricsError, match=f"cannot listen for metrics on 127.0.0.1:{port}"):
+            Metrics().serve("127.0.0.1", port)
+    finally:
+        m.close()
+
+
+def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """950 idle connections made 952 threads with prometheus_client's server."""
+    monkeypatch.setattr(metrics_mod, "REQUEST_TIMEOUT", 1.0)
+    threads_before = threading.active_count()
+    m, port = _serving()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            s = socket.socket()
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        # one thread, whatever the number of connections
+        assert threading.active_count() <= threads_before + 1
+        # a scrape gets in meanwhile: the oldest idle connection makes room
+        assert b"natfail_backend_up" in _scrape(port)
+        assert threading.active_count() <= threads_before + 1
+
+        def all_closed() -> bool:
+            for s in idle:
+                s.settimeout(0.01)
+                try:
+                    if s.recv(1) != b"":
+                        return False
+                except TimeoutError:
+                    return False
+                except OSError:
+                    pass
+            return True
+
+        # every idle connection is closed by the server: evicted or timed out
+        assert wait_until(all_closed, 20, 0.2)
+        assert b"natfail_backend_up" in _scrape(port)
+    finally:
+        for s in idle:
+            s.close()
+        m.close()
+    assert wait_until(lambda: threading.active_count() <= threads_before, 5)
