@@ -58,6 +58,7 @@ __all__ = [
     "load_key_file",
     "parse",
     "parse_listen",
+    "read_config_file",
 ]
 
 DEFAULT_PATH: Final = Path("/etc/natfail/natfail.toml")
@@ -89,6 +90,8 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 IFNAMSIZ: Final = 16  # kernel limit, including the trailing NUL
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes, including the NUL
 _KEY_FILE_LIMIT: Final = 1024  # a key file is one 44-character line
+# Far more than 1000 services need (about 300 bytes each), far less than hurts.
+CONFIG_FILE_LIMIT: Final = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -365,6 +368,15 @@ def _too_open(mode: int) -> str | None:
     return None
 
 
+def _foreign_owner(uid: int, what: str) -> str | None:
+    """Why a file another user owns is refused: its owner can change it at will
+    (a key to impersonate the probe, a hook to run as natfail, CAP_NET_ADMIN)."""
+    if uid in (0, os.geteuid()):
+        return None
+    return (f"is owned by uid {uid}: {what} must be owned by root or by the user natfail "
+            "runs as (chown)")
+
+
 def _read_small_file(path: Path) -> bytes:
     # O_NONBLOCK: a FIFO in place of a key file must not hang check-config.
     try:
@@ -377,10 +389,11 @@ def _read_small_file(path: Path) -> bytes:
         raise KeyFileError(path, f"cannot be opened: {_os_reason(exc)}") from None
     try:
         # fstat of the descriptor we read, so the checked file is the read one.
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if not stat.S_ISREG(mode):
             raise KeyFileError(path, "is not a regular file")
-        problem = _too_open(mode)
+        problem = _too_open(mode) or _foreign_owner(info.st_uid, "a key")
         if problem is not None:
             raise KeyFileError(path, problem)
         chunks: list[bytes] = []
@@ -741,6 +754,16 @@ def _services(root: _Table, default_probe: ProbeSettings) -> tuple[Service, ...]
                 raise table.invalid(
                     "public", f"{service.public} is already the public endpoint of {other.name!r}"
                 )
+            for index, backend in enumerate(service.backends):
+                # One address behind two public endpoints: its own packets
+                # could leave as only one of them (one SNAT per source).
+                taken = next((b for b in other.backends if b.address == backend.address), None)
+                if taken is not None:
+                    raise _Invalid(
+                        (*table.at("backend"), index, "address"),
+                        f"{backend.address} is already the address of backend "
+                        f"{taken.name!r} of service {other.name!r}; a backend serves one service",
+                    )
         services.append(service)
     return tuple(services)
 
@@ -749,7 +772,14 @@ def _build(data: object, path: Path) -> Config:
     root = _Table(data, (), _ROOT_KEYS, _base_dir(path))
     daemon = _daemon(root.sub("daemon", _DAEMON_KEYS))
     probe = _probe(root.sub("probe", _PROBE_KEYS), DEFAULT_PROBE)
-    return Config(path, daemon, probe, _services(root, probe))
+    services = _services(root, probe)
+    # Imported here: the ruleset module builds on this one's model.
+    from natfail.core import ruleset
+
+    problems = ruleset.validate(services)
+    if problems:
+        raise _Invalid(("service",), problems[0])
+    return Config(path, daemon, probe, services)
 
 
 def _base_dir(path: Path) -> Path:
@@ -898,10 +928,7 @@ def parse(text: str, path: Path | str) -> Config:
 def load(path: Path | str = DEFAULT_PATH) -> Config:
     """Read, parse and validate a config file; raises ConfigError."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(path, "", f"cannot read the config file: {_os_reason(exc)}") from None
+    raw = read_config_file(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -910,19 +937,60 @@ def load(path: Path | str = DEFAULT_PATH) -> Config:
     return parse(text, path)
 
 
+def read_config_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most CONFIG_FILE_LIMIT: /dev/zero, a FIFO
+    or a huge file in place of the config must not hang or exhaust the daemon."""
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(path, "", f"cannot read the config file: {reason}")
+
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise refuse(_os_reason(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse("it is not a regular file")
+        if info.st_size > CONFIG_FILE_LIMIT:
+            raise refuse(f"it is larger than {CONFIG_FILE_LIMIT // 1024 // 1024} MiB")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= CONFIG_FILE_LIMIT:  # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, CONFIG_FILE_LIMIT + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > CONFIG_FILE_LIMIT:
+            raise refuse(f"it is larger than {CONFIG_FILE_LIMIT // 1024 // 1024} MiB")
+    except OSError as exc:
+        raise refuse(_os_reason(exc)) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
 # --------------------------------------------------------------------------
 # files the daemon will need
 
 
 def _executable_problem(path: Path) -> str | None:
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except FileNotFoundError:
         return "does not exist"
     except (OSError, ValueError) as exc:
         return f"cannot be inspected: {_os_reason(exc)}"
+    mode = info.st_mode
     if not stat.S_ISREG(mode):
         return "is not a regular file"
+    if mode & 0o022:
+        return (f"permissions {stat.S_IMODE(mode):04o} let group or others change it, and it "
+                "runs with natfail's privileges (chmod go-w)")
+    owner = _foreign_owner(info.st_uid, "a notify hook")
+    if owner is not None:
+        return owner
     if not os.access(path, os.X_OK):
         return "is not executable"
     return None

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from natfail import config as cfg
+from natfail import jsonlimit
 from natfail.core import health as hl
 from natfail.core import noise, ruleset
 from natfail.core import selector as sel
+from natfail.io import loop_errors
 from natfail.io.conntrack import ConntrackError
 from natfail.io.conntrack_worker import AsyncConntrack
 from natfail.io.control import ControlServer, Peer, RequestError
@@ -38,10 +40,16 @@ from natfail.io.metrics import Metrics
 from natfail.io.probe_transport import ProbeResult, ProbeTransport
 from natfail.io.sdnotify import Notifier
 from natfail.io.statefile import read_or_none, write_atomic
+from natfail.oneline import error_line
 
 log = logging.getLogger("natfail")
 
 STATE_FILE = "state.json"
+# How often the flows of each public endpoint are checked for a NAT that is
+# not natfail's (a foreign DNAT at a higher priority).
+FOREIGN_CHECK_INTERVAL = 15.0
+# A local error (ours, not the backend's) repeating is logged once per this.
+LOCAL_ERROR_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -54,13 +62,33 @@ class ServiceRuntime:
     drained: set[str] = field(default_factory=set)
     failovers: int = 0
     no_healthy: bool = False
+    foreign: dict[str, int] = field(default_factory=dict)
+    """Reply sources (not natfail's backends) of client flows to the public endpoint."""
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def candidates(self) -> list[sel.Candidate]:
         return [
-            sel.Candidate(b.name, b.priority, self.health[b.name].state, self.health[b.name].since)
+            sel.Candidate(b.name, b.priority, self.health[b.name].state,
+                          self.health[b.name].since, self.health[b.name].loss,
+                          self.health[b.name].failures)
             for b in self.service.backends
         ]
+
+
+@dataclass
+class _ReloadPlan:
+    removed: list[str] = field(default_factory=list)
+    added: list[ServiceRuntime] = field(default_factory=list)
+    lost: list[tuple[cfg.Service, str]] = field(default_factory=list)
+    """(old service, backend): flows to remove once the new rules are in."""
+    moved: list[tuple[ServiceRuntime, str, str]] = field(default_factory=list)
+    """(runtime, previous backend, reason): services whose active backend went away."""
+
+
+def _first_by_priority(service: cfg.Service, drained: set[str]) -> str:
+    order = sorted(enumerate(service.backends),
+                   key=lambda ib: (ib[1].name in drained, -ib[1].priority, ib[0]))
+    return order[0][1].name
 
 
 def load_keys(service: cfg.Service) -> noise.Keys:
@@ -101,6 +129,8 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._desired: ruleset.Ruleset | None = None
+        self._local_errors: dict[str, tuple[float | None, int]] = {}
+        self._foreign_checked = 0.0
         self.control = ControlServer(config.daemon.socket, self._handle)
 
     # -- state kept across restarts ---------------------------------------------------
@@ -112,14 +142,15 @@ class Daemon:
     def _load_state(self) -> dict[str, Any]:
         try:
             raw = read_or_none(self._state_path)
-            data = json.loads(raw) if raw else {}
-        except (OSError, ValueError) as exc:
+            data = jsonlimit.loads(raw) if raw else {}
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ignoring unreadable state file %s: %s", self._state_path, exc)
             return {}
         services = data.get("services") if isinstance(data, dict) else None
         return services if isinstance(services, dict) else {}
 
-    def _save_state(self) -> None:
+    def _save_state(self) -> str | None:
+        """Writes the operator's wishes; the reason when that failed (logged), else None."""
         services: dict[str, Any] = {}
         for name, rt in self.services.items():
             pin = {"backend": rt.pin.backend, "armed": rt.pin.armed} if rt.pin else None
@@ -128,7 +159,10 @@ class Daemon:
             write_atomic(self._state_path, json.dumps({"version": 1, "services": services},
                                                       indent=1).encode())
         except OSError as exc:
-            log.error("cannot write state file %s: %s", self._state_path, exc.strerror)
+            reason = exc.strerror or str(exc)
+            log.error("cannot write state file %s: %s", self._state_path, reason)
+            return reason
+        return None
 
     def _runtime(self, service: cfg.Service, keys: noise.Keys, saved: Any,
                  now: float) -> ServiceRuntime:
@@ -150,6 +184,12 @@ class Daemon:
     # -- the firewall ------------------------------------------------------------------
 
     def _build(self, actives: dict[str, str | None]) -> ruleset.Ruleset:
+        # No table until some service has a DNAT: natfail's NAT chains make the
+        # kernel track client packets, and a flow tracked before its DNAT
+        # exists stays un-NATed while the client keeps retrying. So the table
+        # comes with the first DNAT, in one transaction.
+        if all(a is None for a in actives.values()):
+            return ruleset.Ruleset()
         return ruleset.build(self.config.services, actives)
 
     def _actives(self) -> dict[str, str | None]:
@@ -163,6 +203,28 @@ class Daemon:
             return False
         self._desired = desired
         return True
+
+    async def _apply_and_unstrand(self, desired: ruleset.Ruleset,
+                                  before: ruleset.Ruleset | None) -> bool:
+        """One transaction; then, only if it succeeded, the flows it strands go."""
+        if not self._apply(desired):
+            return False
+        await self._unstrand(desired, before)
+        return True
+
+    async def _unstrand(self, desired: ruleset.Ruleset, before: ruleset.Ruleset | None) -> None:
+        """Remove client flows that reached a public endpoint while its DNAT was
+        missing or different: such an entry is not NATed (its reply source is the
+        public endpoint itself) and the client's own retries would keep it, and
+        the client cut off, for good. Run for every DNAT that ``desired`` installs,
+        restores or changes compared with ``before`` (None: every DNAT)."""
+        old = set() if before is None else set(before.dnat)
+        for dnat in sorted(desired.dnat - old, key=ruleset.Dnat.sort_key):
+            try:
+                await self.conntrack.remove_unnated(dnat.public)
+            except ConntrackError as exc:
+                log.error("%s: removing the un-NATed flows to %s failed: %s", dnat.service,
+                          dnat.public, exc)
 
     async def _cleanup(self, service: cfg.Service, backend_name: str) -> None:
         backend = service.backend(backend_name)
@@ -194,7 +256,7 @@ class Daemon:
         actives = self._actives()
         actives[rt.service.name] = decision.active
         started = self.monotonic()
-        if not self._apply(self._build(actives)):
+        if not await self._apply_and_unstrand(self._build(actives), self._desired):
             return False
         rt.active = decision.active
         swapped = self.monotonic()
@@ -226,12 +288,7 @@ class Daemon:
         if rt.service.notify is not None and active is not None:
             event = SwitchEvent(rt.service.name, previous, rt.active, reason,
                                 str(active.address))
-            self._spawn(self.hooks.run(rt.service.notify, event))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+            self.hooks.submit(rt.service.notify, event)
 
     async def _decide(self, rt: ServiceRuntime) -> None:
         async with self._lock:
@@ -257,10 +314,11 @@ class Daemon:
             except DataplaneError as exc:
                 log.error("cannot read the firewall: %s", exc)
                 installed, intact = None, False
-            if intact and installed == desired:
+            if (intact or desired.empty) and installed == desired:
+                # (With no DNAT wanted yet, no table at all is as good as an empty one.)
                 self._desired = desired
                 return
-            if self._apply(desired):
+            if await self._apply_and_unstrand(desired, installed):
                 log.warning("repaired natfail's firewall rules (%s)", why)
                 if self.metrics:
                     self.metrics.repairs.inc()
@@ -272,6 +330,11 @@ class Daemon:
         old = rt.health.get(backend.name)
         if old is None:
             return False  # removed by a reload while the probe was in flight
+        if result.local:
+            # Our own trouble (out of file descriptors, say) says nothing
+            # about the backend: it must never move traffic.
+            self._local_error(rt.service.name, backend.name, result)
+            return False
         probe = rt.service.probe
         new = hl.observe(
             old, result.up, max(self.monotonic(), old.since), probe.rise, probe.fall,
@@ -290,6 +353,22 @@ class Daemon:
             log.info("%s: backend %s is %s (%s)", rt.service.name, backend.name,
                      new.state.value, detail)
         return new.state == hl.HealthState.DOWN and old.state != hl.HealthState.DOWN
+
+    def _local_error(self, service: str, backend: str, result: ProbeResult) -> None:
+        """Logs a local probe error once, then how often it repeated, once a minute."""
+        now = self.monotonic()
+        key = result.detail or result.reason
+        first, repeats = self._local_errors.get(key, (None, 0))
+        if first is None:
+            log.error("%s: probe of %s failed on this gateway (%s); not counted against the "
+                      "backend", service, backend, key)
+            self._local_errors[key] = (now, 0)
+        elif now - first >= LOCAL_ERROR_LOG_INTERVAL:
+            log.error("local probe error (%s) repeated %d times in the last %.0f s; not counted "
+                      "against any backend", key, repeats + 1, now - first)
+            self._local_errors[key] = (now, 0)
+        else:
+            self._local_errors[key] = (first, repeats + 1)
 
     async def _probe_round(self, rt: ServiceRuntime) -> None:
         probe = rt.service.probe
@@ -331,7 +410,13 @@ class Daemon:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(rt.wake.wait(), delay)
             rt.wake.clear()
-            next_round = max(next_round + interval, self.monotonic())
+            now = self.monotonic()
+            next_round += interval
+            if next_round <= now:
+                # Stalled (SIGSTOP, a suspended VM): one round now, the next a
+                # whole interval later, never a burst of rounds to catch up,
+                # which would count `fall` failures in less than fall x interval.
+                next_round = now + interval
             try:
                 await self._probe_round(rt)
             except asyncio.CancelledError:
@@ -353,6 +438,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        loop_errors.install(loop)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
@@ -370,9 +456,14 @@ class Daemon:
             if rt.active is not None:
                 log.info("%s: adopted the installed rule to %s", service.name, rt.active)
             self.services[service.name] = rt
-        while not self._apply(self._build(self._actives())):
-            if await self._sleep_or_stop(1.0):
-                return 0
+        desired = self._build(self._actives())
+        if not (desired.empty and installed.empty):
+            while not self._apply(desired):
+                if await self._sleep_or_stop(1.0):
+                    return 0
+        # Whatever reached a public endpoint while its rule was missing (before
+        # this start, or while a previous daemon was down) is not NATed.
+        await self._unstrand(desired, None)
         # A daemon killed between a swap and its conntrack cleanup leaves
         # flows pinned to the old backend: only the active one's may stay.
         for rt in self.services.values():
@@ -403,6 +494,7 @@ class Daemon:
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
+            await self.hooks.close()
             await self.control.close()
             if self.metrics:
                 self.metrics.close()
@@ -426,13 +518,49 @@ class Daemon:
                 waiter.cancel()
             if watchdog:
                 self.notifier.notify("WATCHDOG=1")
-            if self._reconcile_requested.is_set():
-                self._reconcile_requested.clear()
-                await self.reconcile("the ruleset changed")
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
-                with contextlib.suppress(RequestError):  # logged; the old config stays
-                    await self.reload()
+            # Nothing here may end the loop: it carries the watchdog and SIGHUP.
+            try:
+                if self._reconcile_requested.is_set():
+                    self._reconcile_requested.clear()
+                    await self.reconcile("the ruleset changed")
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    with contextlib.suppress(RequestError):  # logged; the old config stays
+                        await self.reload()
+                if self.monotonic() - self._foreign_checked >= FOREIGN_CHECK_INTERVAL:
+                    self._foreign_checked = self.monotonic()
+                    await self._check_foreign_all()
+            except Exception as exc:
+                log.error("internal error in the main loop, going on: %s", error_line(exc))
+                log.debug("main loop error", exc_info=True)
+
+    async def _check_foreign_all(self) -> None:
+        async with self._lock:
+            for rt in list(self.services.values()):
+                await self._check_foreign(rt)
+
+    async def _check_foreign(self, rt: ServiceRuntime) -> None:
+        """Warn when client flows to the public endpoint are NATed elsewhere: a
+        DNAT that is not natfail's and comes first (another table or chain at a
+        higher priority) takes the traffic, whatever natfail installs."""
+        if rt.active is None:
+            return
+        public = rt.service.public
+        try:
+            flows = await self.conntrack.public_flows(public)
+        except ConntrackError as exc:
+            log.error("%s: cannot read the flows to %s: %s", rt.service.name, public, exc)
+            return
+        foreign = ruleset.foreign_targets(rt.service, flows.by_reply_source)
+        if foreign and foreign != rt.foreign:
+            shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(foreign.items()))
+            log.warning("%s: client flows to %s are NATed to %s, not by natfail: another "
+                        "DNAT rule comes before natfail's and overrides it", rt.service.name,
+                        public, shown)
+        elif rt.foreign and not foreign:
+            log.info("%s: no client flow to %s is NATed by another rule any more",
+                     rt.service.name, public)
+        rt.foreign = foreign
 
     async def reload(self) -> str:
         self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
@@ -442,111 +570,156 @@ class Daemon:
             self.notifier.notify("READY=1")
             self._status()
 
+    def _read_config(self, path: Path) -> tuple[cfg.Config, dict[str, noise.Keys]]:
+        """The new config and its keys, all checked; run off the event loop, so
+        that no file (a FIFO, a huge one) can stall the probes and the watchdog."""
+        new = cfg.load(path)
+        problems = cfg.check_files(new)
+        if problems:
+            raise cfg.ConfigError(path, "", problems[0].split(": ", 1)[-1])
+        if new.daemon != self.config.daemon:
+            raise cfg.ConfigError(path, "daemon", "[daemon] settings change only with a "
+                                  "restart (systemctl restart natfail)")
+        return new, {s.name: load_keys(s) for s in new.services}
+
     async def _reload(self) -> str:
         path = self.config.path
         try:
-            new = cfg.load(path)
-            problems = cfg.check_files(new)
-            if problems:
-                raise cfg.ConfigError(path, "", problems[0].split(": ", 1)[-1])
-            if new.daemon != self.config.daemon:
-                raise cfg.ConfigError(path, "daemon", "[daemon] settings change only with a "
-                                      "restart (systemctl restart natfail)")
-            keys = {s.name: load_keys(s) for s in new.services}
+            new, keys = await asyncio.to_thread(self._read_config, path)
         except (cfg.ConfigError, ValueError) as exc:
             log.error("reload refused, the running config stays: %s", exc)
             raise RequestError(f"reload refused: {exc}", 2) from None
-        now = self.monotonic()
         async with self._lock:
-            # Everything below is undone if the firewall refuses the new rules:
-            # a reload takes effect whole or not at all.
-            old_config, old_runtimes = self.config, dict(self.services)
-            saved = {name: (rt.service, rt.keys, rt.health, rt.active, rt.pin, set(rt.drained))
-                     for name, rt in self.services.items()}
-            removed = [n for n in old_runtimes if n not in keys]
-            lost: list[tuple[cfg.Service, str]] = []
-            for name in removed:
-                rt = self.services.pop(name)
-                if rt.active is not None:
-                    lost.append((rt.service, rt.active))
-            added: list[ServiceRuntime] = []
-            for service in new.services:
-                rt_or_none = self.services.get(service.name)
-                if rt_or_none is None:
-                    added.append(self._runtime(service, keys[service.name], None, now))
-                    continue
-                lost += self._update_runtime(rt_or_none, service, keys[service.name], now)
-            self.config = new
-            for rt in added:
-                self.services[rt.service.name] = rt
-            # A service whose active backend went away moves in this same
-            # transaction: a moment without its DNAT would let client packets
-            # make un-NATed conntrack entries that outlive the rule added later.
-            moved: list[tuple[ServiceRuntime, str, str]] = []
-            for service, backend in lost:
-                rt_lost = self.services.get(service.name)
-                if rt_lost is None or rt_lost.active is not None:
-                    continue  # the whole service was removed
-                decision = sel.select(
-                    rt_lost.candidates(), current=None, now=now, drained=rt_lost.drained,
-                    pin=rt_lost.pin, failback=rt_lost.service.failback,
-                    preempt_delay=rt_lost.service.preempt_delay,
-                )
-                if decision.active is not None:
-                    rt_lost.active, rt_lost.pin = decision.active, decision.pin
-                    moved.append((rt_lost, backend, decision.reason))
-            started = self.monotonic()
-            if not self._apply(self._build(self._actives())):
-                self.config, self.services = old_config, old_runtimes
-                for name, (service, svc_keys, health, active, pin, drained) in saved.items():
-                    rt = old_runtimes[name]
-                    rt.service, rt.keys, rt.health = service, svc_keys, health
-                    rt.active, rt.pin, rt.drained = active, pin, drained
+            # Everything up to the transaction is undone on any failure: a
+            # reload takes effect whole or not at all.
+            snapshot = self._snapshot()
+            try:
+                plan = self._plan_reload(new, keys)
+                started = self.monotonic()
+                applied = await self._apply_and_unstrand(self._build(self._actives()),
+                                                         self._desired)
+            except Exception as exc:
+                self._restore(snapshot)
+                log.error("reload failed, the running config stays: %s", error_line(exc))
+                log.debug("reload failure", exc_info=True)
+                raise RequestError(f"reload failed, the running config stays: "
+                                   f"{error_line(exc)}") from None
+            if not applied:
+                self._restore(snapshot)
                 log.error("reload refused, the running config stays: the firewall refused "
                           "the new rules")
                 raise RequestError("reload refused: the firewall refused the new rules; the "
                                    "running config stays (see the log)")
             swapped = self.monotonic()
-            for name in removed:
+            for name in plan.removed:
                 await self._stop_service(name)
                 if self.metrics:
                     self.metrics.forget(name)
-            for rt in added:
+            for rt in plan.added:
                 self._start_task(rt)
-            for service, backend in lost:
+            for service, backend in plan.lost:
                 await self._cleanup(service, backend)
             cleaned = self.monotonic()
-            for rt, previous, reason in moved:
+            for rt, previous, reason in plan.moved:
                 self._switched(rt, previous, reason, swapped - started, cleaned - swapped)
             self._save_state()
-        message = (f"reloaded {path}: {len(new.services)} service(s), {len(added)} added, "
-                   f"{len(removed)} removed")
+        message = (f"reloaded {path}: {len(new.services)} service(s), {len(plan.added)} added, "
+                   f"{len(plan.removed)} removed")
         log.info("%s", message)
         return message
 
+    def _snapshot(self) -> tuple[cfg.Config, dict[str, ServiceRuntime], dict[str, Any]]:
+        kept = {name: (rt.service, rt.keys, rt.health, rt.active, rt.pin, set(rt.drained))
+                for name, rt in self.services.items()}
+        return self.config, dict(self.services), kept
+
+    def _restore(self, snapshot: tuple[cfg.Config, dict[str, ServiceRuntime],
+                                       dict[str, Any]]) -> None:
+        self.config, self.services, kept = snapshot[0], dict(snapshot[1]), snapshot[2]
+        for name, (service, svc_keys, health, active, pin, drained) in kept.items():
+            rt = self.services[name]
+            rt.service, rt.keys, rt.health = service, svc_keys, health
+            rt.active, rt.pin, rt.drained = active, pin, drained
+
+    def _plan_reload(self, new: cfg.Config, keys: dict[str, noise.Keys]) -> _ReloadPlan:
+        """Carry the runtimes over to ``new`` (in place; the caller can undo it)."""
+        now = self.monotonic()
+        plan = _ReloadPlan()
+        plan.removed = [n for n in self.services if n not in keys]
+        for name in plan.removed:
+            rt = self.services.pop(name)
+            if rt.active is not None:
+                plan.lost.append((rt.service, rt.active))
+        for service in new.services:
+            existing = self.services.get(service.name)
+            if existing is None:
+                plan.added.append(self._runtime(service, keys[service.name], None, now))
+                continue
+            plan.lost += self._update_runtime(existing, service, keys[service.name], now)
+        self.config = new
+        for rt in plan.added:
+            self.services[rt.service.name] = rt
+        # A service whose active backend went away moves in this same
+        # transaction, and never to nothing: a moment without its DNAT lets
+        # client packets make un-NATed conntrack entries.
+        for service, backend in plan.lost:
+            rt_lost = self.services.get(service.name)
+            if rt_lost is None or rt_lost.active is not None:
+                continue  # the whole service was removed
+            decision = sel.select(
+                rt_lost.candidates(), current=None, now=now, drained=rt_lost.drained,
+                pin=rt_lost.pin, failback=rt_lost.service.failback,
+                preempt_delay=rt_lost.service.preempt_delay,
+            )
+            active = decision.active
+            if active is None:
+                # No verdict on the new backends yet: the first by priority
+                # beats no rule; the next probe rounds correct it.
+                active = _first_by_priority(rt_lost.service, rt_lost.drained)
+            rt_lost.active, rt_lost.pin = active, decision.pin
+            plan.moved.append((rt_lost, backend, decision.reason))
+        return plan
+
     def _update_runtime(self, rt: ServiceRuntime, service: cfg.Service, keys: noise.Keys,
                         now: float) -> list[tuple[cfg.Service, str]]:
-        """Carry a service over a reload; returns backends whose flows must go."""
+        """Carry a service over a reload; returns backends whose flows must go.
+
+        A backend renamed at the same address keeps its health and, when it
+        was active, the traffic: its flows still lead to the right place."""
         old = rt.service
         lost: list[tuple[cfg.Service, str]] = []
         health: dict[str, hl.BackendHealth] = {}
+        new_names = {b.name for b in service.backends}
+
+        def predecessor(backend: cfg.Backend) -> cfg.Backend | None:
+            same_name = old.backend(backend.name)
+            if same_name is not None:
+                return same_name
+            return next((b for b in old.backends
+                         if b.address == backend.address and b.name not in new_names), None)
+
         for backend in service.backends:
-            before = old.backend(backend.name)
+            before = predecessor(backend)
             same = before is not None and before.address == backend.address
-            previous = rt.health.get(backend.name)
+            previous = rt.health.get(before.name) if before is not None else None
             health[backend.name] = (
                 previous if same and previous is not None and keys == rt.keys
                 else hl.BackendHealth.initial(now)
             )
-        names = set(health)
         if rt.active is not None:
-            before = old.backend(rt.active)
+            before_active = old.backend(rt.active)
             after = service.backend(rt.active)
-            if after is None or before is None or after.address != before.address:
-                lost.append((old, rt.active))
-                rt.active = None
-        rt.drained &= names
-        if rt.pin is not None and rt.pin.backend not in names:
+            if after is None or before_active is None or after.address != before_active.address:
+                renamed = next((b for b in service.backends if before_active is not None
+                                and b.address == before_active.address
+                                and predecessor(b) is before_active), None)
+                if renamed is not None:
+                    rt.active = renamed.name
+                else:
+                    lost.append((old, rt.active))
+                    rt.active = None
+        rt.drained &= new_names
+        if rt.pin is not None and rt.pin.backend not in new_names:
             rt.pin = None
         rt.service, rt.keys, rt.health = service, keys, health
         rt.wake.set()  # probe the changed service at once
@@ -585,8 +758,17 @@ class Daemon:
                 "pinned": rt.pin is not None,
                 "failovers": rt.failovers,
                 "backends": backends,
+                "warnings": self._warnings(rt),
             })
         return {"services": services}
+
+    @staticmethod
+    def _warnings(rt: ServiceRuntime) -> list[str]:
+        if not rt.foreign:
+            return []
+        shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(rt.foreign.items()))
+        return [f"client flows to {rt.service.public} are NATed to {shown} by a rule that is "
+                "not natfail's and comes first"]
 
     def _service_arg(self, request: dict[str, Any]) -> ServiceRuntime:
         name = request.get("service")
@@ -615,7 +797,11 @@ class Daemon:
         if command == "switch":
             if backend in rt.drained:
                 raise RequestError(f"{name}: backend {backend} is drained (undrain it first)")
-            if state != hl.HealthState.UP and not request.get("force"):
+            force = request.get("force", False)
+            if not isinstance(force, bool):
+                # "false" is a non-empty string: never let it mean yes.
+                raise RequestError(f"force must be true or false, not {force!r}", 2)
+            if state != hl.HealthState.UP and not force:
                 raise RequestError(f"{name}: backend {backend} is {state.value}; "
                                    "use --force to switch anyway")
             rt.pin = sel.Pin.new(backend, state)
@@ -658,5 +844,9 @@ class Daemon:
                     "see the log"
                 )
             log.info("%s (uid %d)", message, peer.uid)
-            self._save_state()
+            unsaved = self._save_state()
+            if unsaved is not None:
+                # In effect now, but an "ok" would be a lie about the restart.
+                raise RequestError(f"{message}, but the state file could not be written "
+                                   f"({unsaved}): this is lost when natfail restarts")
         return {"message": message, "active": rt.active}

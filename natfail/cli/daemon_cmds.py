@@ -43,9 +43,8 @@ def _socket_from_raw(path: Path) -> Path | None:
     else:  # pragma: no cover
         import tomli as tomllib
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, ValueError):
+        data = tomllib.loads(cfg.read_config_file(path).decode("utf-8-sig"))
+    except (cfg.ConfigError, ValueError, RecursionError):
         return None
     daemon = data.get("daemon", {})
     socket = daemon.get("socket") if isinstance(daemon, dict) else None

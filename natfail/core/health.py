@@ -54,6 +54,10 @@ class Rule:
     threshold: Literal["rise", "fall"] | None = None
 
 
+# How many recent results `BackendHealth.loss` looks at.
+LOSS_WINDOW: Final = 32
+_WINDOW_MASK: Final = (1 << LOSS_WINDOW) - 1
+
 _U, _UP, _D = HealthState.UNKNOWN, HealthState.UP, HealthState.DOWN
 
 # The whole state machine. A row whose target is its own state means "stay".
@@ -94,6 +98,9 @@ class BackendHealth:
     failures: int = 0
     last_rtt: float | None = None
     last_reason: str = ""
+    history: int = 0
+    """The last ``samples`` results, newest in bit 0, 1 for a failure."""
+    samples: int = 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.since):
@@ -102,6 +109,14 @@ class BackendHealth:
             raise ValueError("streaks cannot be negative")
         if self.successes and self.failures:
             raise ValueError("a success streak and a failure streak cannot both run")
+        if not 0 <= self.samples <= LOSS_WINDOW or not 0 <= self.history < 1 << LOSS_WINDOW:
+            raise ValueError("the loss history holds at most LOSS_WINDOW results")
+
+    @property
+    def loss(self) -> float:
+        """The share of failures among the last LOSS_WINDOW results (0.0 with none):
+        how bad a backend has been lately, beyond its verdict."""
+        return self.history.bit_count() / self.samples if self.samples else 0.0
 
     @classmethod
     def initial(cls, now: float) -> BackendHealth:
@@ -131,16 +146,20 @@ def _step(
     reason: str,
 ) -> BackendHealth:
     """Apply one event: update the streaks, then follow the table's row."""
+    samples = min(health.samples + 1, LOSS_WINDOW)
     if event is Event.SUCCESS:
         counted = replace(
-            health, successes=health.successes + 1, failures=0, last_rtt=rtt
+            health, successes=health.successes + 1, failures=0, last_rtt=rtt,
+            history=(health.history << 1) & _WINDOW_MASK, samples=samples,
         )
     elif event is Event.FAILURE:
         counted = replace(
-            health, successes=0, failures=health.failures + 1, last_rtt=None, last_reason=reason
+            health, successes=0, failures=health.failures + 1, last_rtt=None, last_reason=reason,
+            history=((health.history << 1) | 1) & _WINDOW_MASK, samples=samples,
         )
     else:  # RESET: the old streaks and measurements describe a different backend
-        counted = replace(health, successes=0, failures=0, last_rtt=None, last_reason="")
+        counted = replace(health, successes=0, failures=0, last_rtt=None, last_reason="",
+                          history=0, samples=0)
 
     rule = TRANSITIONS[(health.state, event)]
     if rule.threshold == "rise":

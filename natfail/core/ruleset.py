@@ -67,12 +67,14 @@ __all__ = [
     "active_from",
     "backend_mark",
     "build",
+    "foreign_targets",
     "iptables_rules",
     "is_natfail_mark",
     "marks",
     "nft_commands",
     "nft_full_commands",
     "nft_parse",
+    "validate",
 ]
 
 MARK_PREFIX: Final = 0x6E000000
@@ -288,6 +290,39 @@ def active_from(installed: Ruleset, services: Iterable[Service]) -> dict[str, st
             continue
         out[svc.name] = b.name
     return out
+
+
+def foreign_targets(service: Service, by_reply_source: Mapping[Endpoint, int]) -> dict[str, int]:
+    """``{address: flows}`` of client flows to the service's public endpoint that a NAT
+    which is not natfail's rewrote: their reply source is neither one of the service's
+    backends (natfail's DNAT) nor the public endpoint itself (no NAT at all)."""
+    ours = {b.address for b in service.backends} | {service.public}
+    return {str(src): n for src, n in by_reply_source.items() if src not in ours and n > 0}
+
+
+def validate(services: Iterable[Service]) -> list[str]:
+    """Why these services cannot be turned into rules, one line each (empty: they can).
+
+    The one check that config loading (and so check-config, start and reload) runs:
+    every DNAT, SNAT and mark that any choice of active backends could need is built
+    once, so no later choice can fail."""
+    services = tuple(services)
+    try:
+        marks(services)
+    except RulesetError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    try:
+        build(services, {s.name: s.backends[0].name for s in services if s.backends})
+    except RulesetError as exc:
+        problems.append(str(exc))
+    for svc in services:
+        for b in svc.backends[1:]:
+            try:
+                build([svc], {svc.name: b.name})
+            except RulesetError as exc:
+                problems.append(str(exc))
+    return problems
 
 
 # --- nftables -------------------------------------------------------------------------

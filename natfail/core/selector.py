@@ -36,7 +36,17 @@ The rules, first match wins:
 7. A DOWN active backend is left for the best UP backend ("failover");
    with no UP backend the last one stays, so its rule stays installed and
    nothing is dropped on purpose ("all-down" when every selectable backend
-   is DOWN, "pending" while some still has no verdict).
+   is DOWN, "pending" while some still has no verdict). The move is not
+   made to an UP backend that is about as bad as the active one: one whose
+   recent loss (``Candidate.loss``) is at least LOSSY and not LOSS_MARGIN
+   below the active's, while the active has failed fewer than DEAD_STREAK
+   probes in a row; the best UP backend that is not takes over, and with
+   none the active stays ("no-better"). With the same heavy loss on every
+   path, each backend goes DOWN and UP again by chance, and moving traffic
+   between them would only flush the clients' flows at every switch. A
+   clean standby (loss below LOSSY) takes over at once; a lossy one once
+   the active has failed DEAD_STREAK probes in a row, which a dead backend
+   does and a lossy one hardly ever.
 8. No active backend yet (start): the best UP backend ("initial"); none UP
    means no decision yet, ``active`` None ("pending", or "all-down").
 
@@ -76,7 +86,16 @@ Reason = Literal[
     "unchanged",  # the active backend is UP and stays
     "pending",  # no move (or no choice) while verdicts are missing
     "all-down",  # every selectable backend is DOWN: the last one stays (or none)
+    "no-better",  # the active backend is DOWN, but every UP one is as lossy: no move
 ]
+
+# A recent loss at which a backend counts as bad, not merely unlucky.
+LOSSY: Final = 0.25
+# Failures in a row that make a backend worse than any lossy one: at 50 %
+# loss, a run this long starts about once in a thousand probes.
+DEAD_STREAK: Final = 10
+# How much less loss makes a lossy backend better than the active one.
+LOSS_MARGIN: Final = 0.3
 
 EffectiveState = Literal["up", "down", "unknown", "drained"]
 
@@ -89,6 +108,8 @@ class Candidate:
     priority: int  # higher wins
     state: HealthState
     since: float  # BackendHealth.since: for UP, when it came up
+    loss: float = 0.0  # BackendHealth.loss: share of recent probes that failed
+    failures: int = 0  # BackendHealth.failures: probes failed in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +253,11 @@ def select(
     if active.state is HealthState.DOWN:  # rule 7
         if best is None:
             return stay_without_up()
-        return Decision(best.name, "failover", current, pin_dropped=pin_dropped)
+        better = [c for c in up if c.loss < LOSSY or c.loss <= active.loss - LOSS_MARGIN
+                  or active.failures >= DEAD_STREAK]
+        if not better:
+            return Decision(current, "no-better", current, pin_dropped=pin_dropped)
+        return Decision(better[0].name, "failover", current, pin_dropped=pin_dropped)
 
     # Rule 6: the active backend is UP.
     if failback == "sticky":

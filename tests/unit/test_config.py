@@ -913,3 +913,66 @@ def test_endpoint_parse_only_raises_value_error(text: str) -> None:
         assert len(str(err).splitlines()) == 1
     else:
         assert Endpoint.parse(str(ep)) == ep
+
+
+# --------------------------------------------------------------------------
+# hostile files: bounded reads, owners, one backend in two services
+
+
+def test_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # nobody writes it: a blocking read would hang forever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load(fifo)
+    zero = tmp_path / "zero.toml"
+    zero.symlink_to("/dev/zero")  # an endless read
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load(zero)
+
+
+def test_config_larger_than_the_limit_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as f:
+        f.truncate(100 * 1024 * 1024)  # sparse: 100 MB that cost nothing to make
+    with pytest.raises(ConfigError) as info:
+        load(big)
+    assert "larger than 4 MiB" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_a_backend_address_in_two_services_is_refused(tmp_path: Path) -> None:
+    second = MINIMAL.replace('name = "wg0"', 'name = "wg1"').replace(":51820\"\n", ":51821\"\n", 1)
+    path = tmp_path / "natfail.toml"
+    path.write_text(MINIMAL + "\n" + second)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    text = str(info.value)
+    assert "service[1].backend[0].address" in text
+    assert "a backend serves one service" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_key_and_hook_owned_by_another_user_are_refused(tmp_path: Path) -> None:
+    conf = write_config(tmp_path, service_extra='notify = "hook"')
+    write_key(tmp_path / "probe.key", KEY + "\n")
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    assert check_files(conf) == []
+    os.chown(tmp_path / "probe.key", 4242, -1)
+    os.chown(hook, 4242, -1)
+    problems = check_files(conf)
+    assert len(problems) == 2
+    assert all("is owned by uid 4242" in p for p in problems)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_a_hook_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    conf = write_config(tmp_path, service_extra='notify = "hook"')
+    write_key(tmp_path / "probe.key", KEY + "\n")
+    hook = tmp_path / "hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(mode)
+    (problem,) = check_files(conf)
+    assert problem.startswith(f"{conf.path}: service[0].notify: {hook}: permissions ")
+    assert "chmod go-w" in problem

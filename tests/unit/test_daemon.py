@@ -27,7 +27,7 @@ from natfail.core import noise, ruleset
 from natfail.core import selector as sel
 from natfail.core.health import HealthState
 from natfail.daemon import STATE_FILE, Daemon, ServiceRuntime
-from natfail.io.conntrack import CleanupResult
+from natfail.io.conntrack import CleanupResult, PublicFlows
 from natfail.io.control import Peer, RequestError
 from natfail.io.dataplane import DataplaneError
 from natfail.io.hooks import SwitchEvent
@@ -81,9 +81,24 @@ class FakeDataplane:
 
 
 class FakeConntrack:
+    """Records cleanups in the shared call log; un-NATed flow removals (after
+    every DNAT install) in `unnated`, with how many applies preceded each."""
+
     def __init__(self, calls: list[Call]) -> None:
         self.calls = calls
         self.removed: list[tuple[int, str]] = []
+        self.unnated: list[tuple[str, int]] = []
+        self.flows: dict[str, dict[cfg.Endpoint, int]] = {}
+
+    async def remove_unnated(self, public: cfg.Endpoint) -> int:
+        applies = sum(1 for c in self.calls if c[0] == "apply")
+        self.unnated.append((str(public), applies))
+        return 1
+
+    async def public_flows(self, public: cfg.Endpoint) -> PublicFlows:
+        by_source = self.flows.get(str(public), {})
+        unnated = by_source.get(public, 0)
+        return PublicFlows(sum(by_source.values()), unnated, dict(by_source))
 
     async def remove_backend(self, mark: int, address: cfg.Endpoint) -> CleanupResult:
         self.calls.append(("cleanup", mark, str(address)))
@@ -121,10 +136,13 @@ class FakeNotifier:
 class FakeHooks:
     def __init__(self) -> None:
         self.events: list[tuple[Path, SwitchEvent]] = []
+        self.closed = False
 
-    async def run(self, executable: Path, event: SwitchEvent) -> bool:
+    def submit(self, executable: Path, event: SwitchEvent) -> None:
         self.events.append((executable, event))
-        return True
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 class ManualDaemon(Daemon):
@@ -337,6 +355,7 @@ def test_all_down_keeps_the_last_rule(rig: Rig, caplog: pytest.LogCaptureFixture
     async def main() -> None:
         async with running(rig.daemon()) as d:
             rt = await up_on_a(rig, d)
+            await rounds(d, 30)  # a history of clean probes, as a running daemon has
             rig.calls.clear()
             rig.set_up(a=False, b=False, c=False)
             await rounds(d, 4)
@@ -348,7 +367,7 @@ def test_all_down_keeps_the_last_rule(rig: Rig, caplog: pytest.LogCaptureFixture
             assert dnat_of(rig.dp.applied[-1]) == A
             assert dnat_of(rig.dp.installed) == A
             assert sum("no healthy backend" in r.message for r in caplog.records) == 1
-            # the first one back gets the traffic
+            # the first one back gets the traffic (its short outage leaves it clean)
             rig.calls.clear()
             rig.set_up(c=True)
             await rounds(d, 2)

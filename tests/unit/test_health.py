@@ -284,3 +284,20 @@ def test_no_state_change_without_a_full_streak(
         else:
             assert new.since == h.since
         h = new
+
+
+def test_loss_is_the_share_of_failures_in_the_recent_window() -> None:
+    from natfail.core.health import LOSS_WINDOW, BackendHealth, observe
+
+    h = BackendHealth.initial(0.0)
+    assert h.loss == 0.0
+    for i in range(4):
+        h = observe(h, i % 2 == 0, float(i), 2, 3, reason="" if i % 2 == 0 else "timeout")
+    assert h.loss == 0.5
+    for i in range(LOSS_WINDOW):
+        h = observe(h, True, 10.0 + i, 2, 3)
+    assert h.loss == 0.0 and h.samples == LOSS_WINDOW  # old failures fall out
+    for i in range(LOSS_WINDOW):
+        h = observe(h, False, 40.0 + i, 2, 3, reason="timeout")
+    assert h.loss == 1.0
+    assert reset(h, 100.0).loss == 0.0

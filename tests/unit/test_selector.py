@@ -419,3 +419,35 @@ def test_next_check_is_in_the_future(s: Scenario) -> None:
     if d.next_check is not None:
         assert d.next_check > s.now
         assert s.failback == "preempt" and d.pin is None
+
+
+# --- equally bad backends (rule 7, "no-better") ----------------------------------------
+
+
+def _lossy(name: str, priority: int, state: HealthState, loss: float,
+           failures: int = 0) -> Candidate:
+    return Candidate(name, priority, state, 0.0, loss, failures)
+
+
+def test_a_down_active_is_not_left_for_an_equally_lossy_backend() -> None:
+    backends = [_lossy("a", 100, HealthState.DOWN, 0.5, 3), _lossy("b", 50, HealthState.UP, 0.4)]
+    decision = select(backends, current="a", now=10.0)
+    assert decision.active == "a" and decision.reason == "no-better"
+    assert not decision.changed
+
+
+def test_a_down_active_goes_to_a_clean_backend_or_the_cleanest_lossy_one() -> None:
+    clean = [_lossy("a", 100, HealthState.DOWN, 0.1, 3), _lossy("b", 50, HealthState.UP, 0.2)]
+    assert select(clean, current="a", now=10.0).active == "b"
+    # the best by priority is as lossy as a; the next one is clean: it takes over
+    mixed = [_lossy("a", 100, HealthState.DOWN, 0.5, 3), _lossy("b", 50, HealthState.UP, 0.5),
+             _lossy("c", 10, HealthState.UP, 0.1)]
+    assert select(mixed, current="a", now=10.0).active == "c"
+
+
+def test_a_dead_active_is_left_even_for_a_lossy_backend() -> None:
+    backends = [_lossy("a", 100, HealthState.DOWN, 0.6, 9), _lossy("b", 50, HealthState.UP, 0.5)]
+    assert select(backends, current="a", now=10.0).active == "a"
+    backends[0] = _lossy("a", 100, HealthState.DOWN, 0.6, 10)  # DEAD_STREAK in a row
+    decision = select(backends, current="a", now=10.0)
+    assert decision.active == "b" and decision.reason == "failover"
