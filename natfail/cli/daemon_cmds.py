@@ -65,6 +65,8 @@ def _print_status(reply: dict[str, Any]) -> None:
         print(f"service {service.get('name')}  public {service.get('public')}  "
               f"active {service.get('active') or '-'}{pinned}  "
               f"failovers {service.get('failovers', 0)}")
+        for warning in service.get("warnings") or []:
+            print(f"  warning: {warning}")
         rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "SINCE")]
         for backend in service.get("backends", []):
             marker = "*" if backend.get("name") == service.get("active") else " "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from natfail import jsonlimit
-from natfail.io.loop_errors import RepeatLog
+from natfail.io.loop_errors import RepeatLog, accept_failure
 from natfail.oneline import error_line
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,6 @@ ACCEPT_BATCH: Final = 64
 # backlog it cannot take from.
 ACCEPT_RETRY: Final = 0.5
 MAX_DEPTH: Final = jsonlimit.MAX_DEPTH
-_RESOURCE_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 # Commands a member of the socket's group may run; root may run every one.
 READ_ONLY_COMMANDS: Final = frozenset({"status", "ping"})
@@ -253,10 +251,7 @@ class ControlServer:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                what = ("out of file descriptors or memory"
-                        if exc.errno in _RESOURCE_ERRORS else "accept failed")
-                self._repeats.report(f"control: cannot accept connections ({what}): "
-                                     f"{error_line(exc)}")
+                self._repeats.report(accept_failure("control", exc))
                 self._rest()
                 return
             self._admit(conn)

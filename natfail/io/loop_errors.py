@@ -10,6 +10,7 @@ loop's own error reporting, which asyncio's accept loop goes through."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -136,3 +137,13 @@ def install(loop: asyncio.AbstractEventLoop, *,
             log.error("event loop: an error occurred and could not be described")
 
     loop.set_exception_handler(handler)
+
+
+# Errors of ours, not of a peer: out of descriptors or memory.
+RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def accept_failure(listener: str, exc: OSError) -> str:
+    """The one line a listener reports (through a RepeatLog) when accept() fails."""
+    what = "out of file descriptors or memory" if exc.errno in RESOURCE_ERRNOS else "accept failed"
+    return f"{listener}: cannot accept connections ({what}): {error_line(exc)}"

@@ -13,7 +13,6 @@ room for the newcomer."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import gzip
 import logging
 import selectors
@@ -26,7 +25,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
-from natfail.io.loop_errors import RepeatLog
+from natfail.io.loop_errors import RepeatLog, accept_failure
 from natfail.oneline import error_line
 
 log = logging.getLogger(__name__)
@@ -171,11 +170,7 @@ class _Listener:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                what = ("out of file descriptors or memory"
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-                        else "accept failed")
-                self._repeats.report(f"metrics: cannot accept connections ({what}): "
-                                     f"{error_line(exc)}")
+                self._repeats.report(accept_failure("metrics", exc))
                 self._listen(False)
                 self._resume_at = time.monotonic() + ACCEPT_RETRY
                 return

@@ -3,12 +3,13 @@ in the lab's gateway namespace, driven with `natfailctl`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +91,20 @@ class Gateway:
                 self.lab.exec(gw, [tool, "-t", "nat", "-D", hook, "-j", chain], check=False)
                 self.lab.exec(gw, [tool, "-t", "nat", "-F", chain], check=False)
                 self.lab.exec(gw, [tool, "-t", "nat", "-X", chain], check=False)
+
+
+@contextlib.contextmanager
+def running(lab: Lab, firewall: str) -> Iterator[Gateway]:
+    """A daemon started with no rules and no state, active on a; after the test it
+    is stopped, its log must hold no traceback, and its rules are removed."""
+    gateway = Gateway(lab, firewall)
+    gateway.remove_rules()
+    (lab.dir / "state" / "state.json").unlink(missing_ok=True)
+    gateway.start()
+    assert gateway.wait_active("a"), gateway.logs()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+    assert "Traceback" not in gateway.logs(), gateway.logs()
+    gateway.remove_rules()

@@ -15,20 +15,13 @@ from datetime import datetime
 import pytest
 
 from natfail.lab import CLIENT_TUNNEL_V4, PUBLIC_V4, Lab, wait_until
-from tests.netns.gateway import FALL, INTERVAL, KINDS, TIMEOUT, Gateway
+from tests.netns.gateway import FALL, INTERVAL, KINDS, TIMEOUT, Gateway, running
 
 
 @pytest.fixture(params=KINDS)
 def gw(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[Gateway]:
-    gateway = Gateway(fresh, request.param)
-    gateway.remove_rules()
-    (fresh.dir / "state" / "state.json").unlink(missing_ok=True)
-    gateway.start()
-    assert gateway.wait_active("a"), gateway.logs()
-    yield gateway
-    gateway.stop()
-    assert "Traceback" not in gateway.logs(), gateway.logs()
-    gateway.remove_rules()
+    with running(fresh, request.param) as gateway:
+        yield gateway
 
 
 def _logged_at(logs: str, needle: str) -> float:

@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from natfail.lab import Lab
-from tests.netns.gateway import ENV, KINDS, Gateway
+from tests.netns.gateway import ENV, KINDS, Gateway, running
 
 
 @pytest.fixture(params=KINDS)
 def gw(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[Gateway]:
-    gateway = Gateway(fresh, request.param)
-    gateway.remove_rules()
-    (fresh.dir / "state" / "state.json").unlink(missing_ok=True)
-    gateway.start()
-    assert gateway.wait_active("a"), gateway.logs()
-    yield gateway
-    gateway.stop()
-    assert "Traceback" not in gateway.logs(), gateway.logs()
-    gateway.remove_rules()
+    with running(fresh, request.param) as gateway:
+        yield gateway
 
 
 def _rules(gw: Gateway) -> str:

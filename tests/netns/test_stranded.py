@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from natfail.lab import PUBLIC_PORT, PUBLIC_V4, Lab, LabError, wait_until
-from tests.netns.gateway import ENV, Gateway
+from tests.netns.gateway import ENV, Gateway, running
 from tests.netns.test_faults import dnat_targets
 
 CLIENTS = Path(__file__).with_name("udp_clients.py")
@@ -127,41 +127,35 @@ def test_iptables_flush_or_restore_strands_no_flow(
     fresh: Lab, clients: subprocess.Popen[str], repair: str
 ) -> None:
     add_stateful_filter(fresh)  # the kernel tracks while natfail's chains are gone
-    gw = started(fresh, "iptables")
     try:
-        gw.start()
-        assert gw.wait_active("a"), gw.logs()
-        assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
-        assert gw.proc is not None
-        gw.proc.send_signal(signal.SIGSTOP)  # so the flows are tracked before the repair
-        try:
-            for tool in ("iptables-legacy", "ip6tables-legacy"):
-                if repair == "flush":
-                    fresh.exec(fresh.gateway, [tool, "-t", "nat", "-F"])
-                else:
-                    restore = f"{tool}-restore"
-                    fresh.exec(fresh.gateway, [restore], input="*nat\nCOMMIT\n")
-            fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)  # every flow new
-            assert wait_until(lambda: set(reply_sources(fresh).values()) == {PUBLIC_V4}
-                              and len(reply_sources(fresh)) == COUNT, 10), reply_sources(fresh)
-        finally:
-            gw.proc.send_signal(signal.SIGCONT)
-        # natfail repairs its rules, and the un-NATed entries go
-        assert wait_until(lambda: targets(gw) == ["a"], 10), gw.logs()
-        assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
-        assert "repaired natfail's firewall rules" in gw.logs()
+        with running(fresh, "iptables") as gw:
+            assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGSTOP)  # so the flows are tracked before the repair
+            try:
+                for tool in ("iptables-legacy", "ip6tables-legacy"):
+                    if repair == "flush":
+                        fresh.exec(fresh.gateway, [tool, "-t", "nat", "-F"])
+                    else:
+                        restore = f"{tool}-restore"
+                        fresh.exec(fresh.gateway, [restore], input="*nat\nCOMMIT\n")
+                fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)  # every flow new
+                assert wait_until(lambda: set(reply_sources(fresh).values()) == {PUBLIC_V4}
+                                  and len(reply_sources(fresh)) == COUNT, 10), reply_sources(fresh)
+            finally:
+                gw.proc.send_signal(signal.SIGCONT)
+            # natfail repairs its rules, and the un-NATed entries go
+            assert wait_until(lambda: targets(gw) == ["a"], 10), gw.logs()
+            assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
+            assert "repaired natfail's firewall rules" in gw.logs()
     finally:
-        finish(gw)
         remove_table(fresh, "inet", "hostfw")
 
 
 def test_nft_delete_table_during_failovers_strands_no_flow(
     fresh: Lab, clients: subprocess.Popen[str]
 ) -> None:
-    gw = started(fresh, "nftables")
-    try:
-        gw.start()
-        assert gw.wait_active("a"), gw.logs()
+    with running(fresh, "nftables") as gw:
         a = fresh.backend("a")
         for round_ in range(3):
             if round_ % 2 == 0:
@@ -175,75 +169,66 @@ def test_nft_delete_table_during_failovers_strands_no_flow(
         assert wait_until(lambda: len(targets(gw)) == 1, 10), gw.logs()
         active = gw.status()["active"]
         assert wait_until(lambda: all_natted_to(fresh, active), 10), reply_sources(fresh)
-    finally:
-        finish(gw)
 
 
 def test_a_reload_renaming_the_active_backend_keeps_the_dnat(
     fresh: Lab, clients: subprocess.Popen[str]
 ) -> None:
-    gw = started(fresh, "nftables")
     try:
-        gw.start()
-        assert gw.wait_active("a"), gw.logs()
-        fresh.backend("b").stop()
-        assert wait_until(lambda: gw.backend_state("b") == "down", 10), gw.status()
-        assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
-        text = gw.config.read_text()
-        gw.config.write_text(text.replace('name = "a"', 'name = "a-renamed"'))
-        reload = subprocess.Popen([sys.executable, "-m", "natfail.cli.ctl", "-c",
-                                   str(gw.config), "reload"], env={**os.environ, **ENV},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        missing = 0
-        while reload.poll() is None:
-            if not targets(gw):
-                missing += 1
-        assert reload.wait(30) == 0, reload.communicate()
-        for _ in range(20):  # and for a while after
-            if not targets(gw):
-                missing += 1
-        assert missing == 0
-        assert gw.status()["active"] == "a-renamed"
-        assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
+        with running(fresh, "nftables") as gw:
+            fresh.backend("b").stop()
+            assert wait_until(lambda: gw.backend_state("b") == "down", 10), gw.status()
+            assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
+            text = gw.config.read_text()
+            gw.config.write_text(text.replace('name = "a"', 'name = "a-renamed"'))
+            reload = subprocess.Popen([sys.executable, "-m", "natfail.cli.ctl", "-c",
+                                       str(gw.config), "reload"], env={**os.environ, **ENV},
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            missing = 0
+            while reload.poll() is None:
+                if not targets(gw):
+                    missing += 1
+            assert reload.wait(30) == 0, reload.communicate()
+            for _ in range(20):  # and for a while after
+                if not targets(gw):
+                    missing += 1
+            assert missing == 0
+            assert gw.status()["active"] == "a-renamed"
+            assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
     finally:
-        finish(gw)
         fresh.backend("b").start()
 
 
 def test_a_foreign_dnat_before_natfails_is_reported(
     fresh: Lab, clients: subprocess.Popen[str]
 ) -> None:
-    gw = started(fresh, "nftables")
     try:
-        gw.start()
-        assert gw.wait_active("a"), gw.logs()
-        assert gw.status()["warnings"] == []
-        fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
-            "table ip foreign {\n chain foreignpre {\n  type nat hook prerouting priority -150;\n"
-            f"  ip daddr {PUBLIC_V4} udp dport {PUBLIC_PORT} dnat to 10.0.0.99\n }}\n}}\n"))
-        fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)
-        assert wait_until(lambda: bool(gw.status()["warnings"]), 40, 0.5), gw.logs()
-        (warning,) = gw.status()["warnings"]
-        assert "10.0.0.99" in warning
-        assert "not by natfail" in gw.logs()
+        with running(fresh, "nftables") as gw:
+            assert gw.status()["warnings"] == []
+            fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
+                "table ip foreign {\n chain foreignpre {\n"
+                "  type nat hook prerouting priority -150;\n"
+                f"  ip daddr {PUBLIC_V4} udp dport {PUBLIC_PORT} dnat to 10.0.0.99\n }}\n}}\n"))
+            fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)
+            assert wait_until(lambda: bool(gw.status()["warnings"]), 40, 0.5), gw.logs()
+            (warning,) = gw.status()["warnings"]
+            assert "10.0.0.99" in warning
+            assert f"warning: {warning}" in gw.ctl("status").stdout
+            assert "not by natfail" in gw.logs()
     finally:
         remove_table(fresh, "ip", "foreign")
-        finish(gw)
 
 
 def test_the_same_heavy_loss_on_every_backend_does_not_move_traffic(fresh: Lab) -> None:
-    gw = started(fresh, "nftables")
     try:
-        gw.start()
-        assert gw.wait_active("a"), gw.logs()
-        # every probe reply from every backend, alike: half of them lost
-        fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
-            "table inet lossy {\n chain lossin {\n  type filter hook input priority 0;\n"
-            f"  udp sport {PUBLIC_PORT} numgen random mod 2 == 0 drop\n }}\n}}\n"))
-        time.sleep(12)  # the loss windows fill
-        before = gw.status()["failovers"]
-        time.sleep(25)
-        assert gw.status()["failovers"] - before <= 1, gw.logs()
+        with running(fresh, "nftables") as gw:
+            # every probe reply from every backend, alike: half of them lost
+            fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
+                "table inet lossy {\n chain lossin {\n  type filter hook input priority 0;\n"
+                f"  udp sport {PUBLIC_PORT} numgen random mod 2 == 0 drop\n }}\n}}\n"))
+            time.sleep(12)  # the loss windows fill
+            before = gw.status()["failovers"]
+            time.sleep(25)
+            assert gw.status()["failovers"] - before <= 1, gw.logs()
     finally:
         remove_table(fresh, "inet", "lossy")
-        finish(gw)

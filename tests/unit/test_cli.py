@@ -211,3 +211,31 @@ def test_probe_refuses_a_world_readable_key(tmp_path: Path, option: str) -> None
     assert "Traceback" not in proc.stderr
     # the key is public test data here, yet the message must not quote a file's content
     assert KEY not in proc.stderr
+
+
+def test_a_backend_in_two_services_fails_check_config_and_start(tmp_path: Path) -> None:
+    conf = write_valid(tmp_path)
+    second = (test_config.MINIMAL.replace('name = "wg0"', 'name = "wg1"')
+              .replace(':51820"\n', ':51821"\n', 1))
+    conf.write_text(conf.read_text() + "\n" + second)
+    for argv in (["-m", "natfail.cli.ctl", "check-config", str(conf)],
+                 ["-m", "natfail", "-c", str(conf)]):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              timeout=30, check=False)
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "service[1].backend[0].address" in line and "one service" in line
+        assert "Traceback" not in proc.stderr
+
+
+def test_natfailctl_with_a_fifo_or_dev_zero_as_config_never_hangs(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.toml"
+    zero.symlink_to("/dev/zero")
+    for conf in (fifo, zero):
+        for argv in (["check-config", str(conf)], ["-c", str(conf), "status"]):
+            proc = run_ctl(*argv)  # its timeout (30 s) would fail a hang
+            assert proc.returncode == 2, (argv, proc.stderr)
+            (line,) = proc.stderr.strip().splitlines()
+            assert "not a regular file" in line
