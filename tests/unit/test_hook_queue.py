@@ -97,7 +97,7 @@ def test_a_full_queue_drops_the_oldest_with_one_line(tmp_path: Path,
 
 def test_close_lets_the_running_hook_finish_and_drops_the_queued(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    hook, out = _recorder(tmp_path, pause=0.5)
+    hook, out = _recorder(tmp_path, pause=2.0)
 
     async def main() -> None:
         runner = SubprocessHookRunner(timeout=10.0)

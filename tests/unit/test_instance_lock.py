@@ -28,10 +28,14 @@ _HOLDER = textwrap.dedent("""
     lock = InstanceLock.acquire(Path(sys.argv[1]))
     child = 0
     if sys.argv[2] == "fork":
+        ready, tell = os.pipe()
         child = os.fork()
         if child == 0:
+            # the fork hooks have run by now: say so, then outlive the parent
+            os.write(tell, b"x")
             time.sleep(120)
             os._exit(0)
+        os.read(ready, 1)
     print(os.getpid(), child, flush=True)
     time.sleep(120)
 """)
