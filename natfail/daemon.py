@@ -48,6 +48,11 @@ STATE_FILE = "state.json"
 # How often the flows of each public endpoint are checked for a NAT that is
 # not natfail's (a foreign DNAT at a higher priority).
 FOREIGN_CHECK_INTERVAL = 15.0
+# How often the firewall is read to find drift: with the nftables monitor a
+# slow safety net, without one (iptables) the repair's whole latency. Neither
+# grows with the number of services, and no probe round reads the firewall.
+SAFETY_CHECK_INTERVAL = 30.0
+UNWATCHED_CHECK_INTERVAL = 2.0
 # A local error (ours, not the backend's) repeating is logged once per this.
 LOCAL_ERROR_LOG_INTERVAL = 60.0
 
@@ -111,6 +116,7 @@ class Daemon:
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         watch_ruleset: Callable[[Callable[[], None]], asyncio.Future[None]] | None = None,
+        check_interval: float | None = None,
     ) -> None:
         self.config = config
         self.dataplane = dataplane
@@ -121,6 +127,9 @@ class Daemon:
         self.metrics = metrics
         self.monotonic = monotonic
         self._watch_ruleset = watch_ruleset
+        self._check_interval = check_interval or (
+            SAFETY_CHECK_INTERVAL if watch_ruleset is not None else UNWATCHED_CHECK_INTERVAL)
+        self._checked = 0.0
         self.services: dict[str, ServiceRuntime] = {}
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -200,6 +209,8 @@ class Daemon:
             self.dataplane.apply(desired)
         except DataplaneError as exc:
             log.error("firewall transaction failed, keeping the last good state: %s", exc)
+            # The firewall may have changed under us: look at it next tick.
+            self._reconcile_requested.set()
             return False
         self._desired = desired
         return True
@@ -381,7 +392,6 @@ class Daemon:
         await self._decide(rt)
         if went_down:
             await self._forget_standbys(rt, went_down)
-        await self.reconcile("checked after a probe round")
 
     async def _forget_standbys(self, rt: ServiceRuntime, names: list[str]) -> None:
         """Remove the flows of standby backends that went down.
@@ -509,7 +519,8 @@ class Daemon:
 
     async def _main_loop(self) -> None:
         watchdog = self.notifier.watchdog_interval
-        tick = min(watchdog / 2, 1.0) if watchdog else 1.0
+        tick = min(watchdog / 2, 1.0, self._check_interval) if watchdog else \
+            min(1.0, self._check_interval)
         while not self._stop.is_set():
             waiters = [asyncio.ensure_future(e.wait()) for e in
                        (self._stop, self._reload_requested, self._reconcile_requested)]
@@ -522,7 +533,11 @@ class Daemon:
             try:
                 if self._reconcile_requested.is_set():
                     self._reconcile_requested.clear()
+                    self._checked = self.monotonic()
                     await self.reconcile("the ruleset changed")
+                elif self.monotonic() - self._checked >= self._check_interval:
+                    self._checked = self.monotonic()
+                    await self.reconcile("found by the periodic check")
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     with contextlib.suppress(RequestError):  # logged; the old config stays

@@ -1,5 +1,5 @@
 """Ruleset change events from nftables, so a `nft flush ruleset` is repaired
-at once instead of at the next probe round.
+at once instead of at the daemon's next periodic check.
 
 `nft monitor` prints one line per change of any table; the daemon only needs
 to know that something changed, then compares what is installed with what it
@@ -26,7 +26,7 @@ async def watch(changed: Callable[[], None]) -> None:
                 stderr=asyncio.subprocess.DEVNULL,
             )
         except OSError as exc:
-            log.warning("cannot run %s monitor (%s); checking the rules every probe round only",
+            log.warning("cannot run %s monitor (%s); the periodic check alone finds changes",
                         nft, exc.strerror)
             return
         assert proc.stdout is not None

@@ -54,6 +54,7 @@ class FakeDataplane:
         self.is_intact = installed is not None
         self.applied: list[ruleset.Ruleset] = []
         self.fail_next = 0
+        self.reads = 0
 
     def apply(self, desired: ruleset.Ruleset) -> None:
         if self.fail_next:
@@ -66,9 +67,11 @@ class FakeDataplane:
         self.is_intact = True
 
     def read(self) -> ruleset.Ruleset:
+        self.reads += 1
         return self.installed
 
     def intact(self) -> bool:
+        self.reads += 1
         return self.is_intact
 
     def remove_all(self) -> None:
@@ -210,7 +213,7 @@ class Rig:
     def daemon(self, kind: type[Daemon] = ManualDaemon, text: str | None = None) -> Daemon:
         config = self.write(text if text is not None else self.text())
         return kind(config, dataplane=self.dp, conntrack=self.ct, transport=self.transport,
-                    notifier=self.notifier, hooks=self.hooks)
+                    notifier=self.notifier, hooks=self.hooks, check_interval=0.1)
 
     def set_up(self, **backends: bool) -> None:
         for name, up in backends.items():
@@ -759,11 +762,16 @@ def test_reconcile_repairs_a_flushed_ruleset(rig: Rig, caplog: pytest.LogCapture
             assert dnat_of(rig.dp.installed) == A
             assert any("repaired" in r.message and "(test)" in r.message
                        for r in caplog.records)
-            # a probe round notices drift too
+            # no probe round reads the firewall: drift waits for the periodic check
+            reads = rig.dp.reads
+            await rounds(d, 10)
+            assert rig.dp.reads == reads
             rig.dp.flush()
             await rounds(d, 1)
-            assert dnat_of(rig.dp.installed) == A
+            assert rig.dp.installed.empty
+            await until(lambda: dnat_of(rig.dp.installed) == A)  # check_interval 0.1 s
             assert rig.cleanups() == []
+            assert any("(found by the periodic check)" in r.message for r in caplog.records)
 
     with caplog.at_level(logging.INFO, logger="natfail"):
         asyncio.run(main())
