@@ -166,7 +166,8 @@ def test_backend_with_the_wrong_key_is_down_and_says_why(gw: Gateway) -> None:
 def test_cut_path_to_the_active_fails_over(gw: Gateway) -> None:
     lab = gw.lab
     a = lab.backend("a")
-    assert lab.client_ping(count=1, timeout=3) or tunnel_ends_up_working(gw) is None
+    if not lab.client_ping(count=1, timeout=3):
+        tunnel_ends_up_working(gw)
     lab.exec(a, ["nft", "-f", "-"], input=(
         "table ip cut {\n chain in {\n  type filter hook input priority -300; policy accept;\n"
         "  udp dport 51820 drop\n }\n}\n"))
@@ -181,7 +182,8 @@ def test_cut_path_to_the_active_fails_over(gw: Gateway) -> None:
 @BOTH
 def test_sigkill_in_the_middle_of_a_switch_converges(gw: Gateway) -> None:
     lab = gw.lab
-    assert lab.client_ping(count=1, timeout=3) or tunnel_ends_up_working(gw) is None
+    if not lab.client_ping(count=1, timeout=3):
+        tunnel_ends_up_working(gw)
     sock = Path(gw.config.read_text().split('socket = "', 1)[1].split('"', 1)[0])
     for attempt, target in enumerate(["b", "a", "b", "a", "b"]):
         assert gw.proc is not None

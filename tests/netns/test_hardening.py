@@ -68,13 +68,20 @@ def _mdwe_works() -> bool:
     return proc.returncode != 0 and "PermissionError" in proc.stderr
 
 
+class ConfinedGateway(Gateway):
+    """The daemon under setpriv, with the capabilities ``caps`` only."""
+
+    def __init__(self, lab: Lab, firewall: str, caps: str) -> None:
+        super().__init__(lab, firewall, prefix=_prefix(caps))
+        self.caps = caps
+
+
 @pytest.fixture(params=CONFINEMENTS, ids=[f"{k}-{c.replace(',', '+')}" for k, c in CONFINEMENTS])
-def confined(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[Gateway]:
+def confined(request: pytest.FixtureRequest, fresh: Lab) -> Iterator[ConfinedGateway]:
     if not _mdwe_works():
         pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
     firewall, caps = request.param
-    gw = Gateway(fresh, firewall, prefix=_prefix(caps))
-    gw.caps = caps  # type: ignore[attr-defined]
+    gw = ConfinedGateway(fresh, firewall, caps)
     gw.remove_rules()
     # The daemon's files, owned by its user: the lab's directory is root's only.
     home = Path(tempfile.mkdtemp(prefix="natfail-confined-"))
@@ -119,12 +126,12 @@ def _daemon_pid(gw: Gateway) -> int:
     return gw.proc.pid
 
 
-def test_confined_daemon_probes_switches_and_cleans(confined: Gateway) -> None:
+def test_confined_daemon_probes_switches_and_cleans(confined: ConfinedGateway) -> None:
     gw, lab = confined, confined.lab
     status = _proc_status(_daemon_pid(gw))
     assert status["Uid"].split()[0] == str(UID), status["Uid"]
     # the granted capabilities only, in every set
-    caps = sum(1 << CAP_BITS[c] for c in gw.caps.split(","))  # type: ignore[attr-defined]
+    caps = sum(1 << CAP_BITS[c] for c in gw.caps.split(","))
     for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
         assert int(status[field], 16) == caps, (field, status[field])
     assert status["NoNewPrivs"].strip() == "1"

@@ -9,7 +9,6 @@ import hmac as std_hmac
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -28,10 +27,7 @@ from natfail.core.noise import (
     consume_cookie_reply,
     consume_response,
 )
-
-# The test responder sits beside this file; importable however tests/ is laid out.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wg_responder import Rejected, Responder, with_mac1
+from tests.unit.wg_responder import Rejected, Responder, with_mac1
 
 PROBE_PRIVATE = bytes.fromhex("a8" * 31 + "48")
 SERVER_PRIVATE = bytes.fromhex("b0" * 31 + "50")
