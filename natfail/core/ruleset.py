@@ -194,23 +194,6 @@ class Ruleset:
         """``{service: backend}`` of the DNATs: what a restarted daemon adopts."""
         return {d.service: d.backend_name for d in self.dnat}
 
-    def describe(self) -> list[str]:
-        """One line per entry, sorted: for logs and diffs."""
-        lines = [
-            f"dnat {d.public}{' iif ' + d.inbound_interface if d.inbound_interface else ''}"
-            f" -> {d.backend} mark {d.mark:#010x} ({d.service}/{d.backend_name})"
-            for d in sorted(self.dnat, key=Dnat.sort_key)
-        ]
-        lines += [
-            f"snat {s.backend} -> {s.public} mark {s.mark:#010x} ({s.service}/{s.backend_name})"
-            for s in sorted(self.snat, key=Snat.sort_key)
-        ]
-        lines += [
-            f"masquerade mark {m.mark:#010x} ({m.service}/{m.backend_name})"
-            for m in sorted(self.masquerade)
-        ]
-        return lines
-
 
 def _check_unique(rs: Ruleset) -> None:
     publics: dict[Endpoint, str] = {}

@@ -169,12 +169,6 @@ class _IptFamily:
                 intact = False
         return found, intact
 
-    def read_family(self) -> tuple[Ruleset, bool]:
-        try:
-            return self._read_family(self.families[0])
-        except self._iptc.IPTCError as e:
-            raise DataplaneError(f"iptables: {error_line(e)}") from None
-
     def read(self) -> Ruleset:
         dnat: set[Dnat] = set()
         snat: set[Snat] = set()

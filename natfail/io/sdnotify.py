@@ -38,10 +38,6 @@ class SdNotify:
         return int(usec) / 1_000_000
 
     @property
-    def enabled(self) -> bool:
-        return bool(self._address)
-
-    @property
     def watchdog_interval(self) -> float | None:
         """systemd's WatchdogSec, when it asked for pings."""
         return self._watchdog
