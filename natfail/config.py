@@ -34,12 +34,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 has no tomllib
     import tomli as tomllib
+
+from natfail.core.selector import FAILBACKS, Failback
 
 __all__ = [
     "DEFAULT_PATH",
@@ -59,17 +61,16 @@ __all__ = [
     "parse",
     "parse_listen",
     "read_config_file",
+    "read_raw",
 ]
 
 DEFAULT_PATH: Final = Path("/etc/natfail/natfail.toml")
 
 Firewall = Literal["nftables", "iptables"]
-Failback = Literal["sticky", "preempt"]
 SourceNat = Literal["preserve", "masquerade"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 FIREWALLS: Final[tuple[Firewall, ...]] = ("nftables", "iptables")
-FAILBACKS: Final[tuple[Failback, ...]] = ("sticky", "preempt")
 SOURCE_NATS: Final[tuple[SourceNat, ...]] = ("preserve", "masquerade")
 
 DEFAULT_FAILBACK: Final[Failback] = "sticky"
@@ -935,6 +936,17 @@ def load(path: Path | str = DEFAULT_PATH) -> Config:
         line = raw[: exc.start].count(b"\n") + 1
         raise ConfigError(path, "", "is not valid UTF-8", line) from None
     return parse(text, path)
+
+
+def read_raw(path: Path | str) -> dict[str, Any]:
+    """The TOML document of a config file, unvalidated (for a tool that must find the
+    socket in a config with mistakes elsewhere); ConfigError when unreadable."""
+    path = Path(path)
+    text = read_config_file(path).decode("utf-8-sig", errors="replace")
+    try:
+        return tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(path, "", f"TOML syntax error: {_one_line(str(exc))}") from None
 
 
 def read_config_file(path: Path) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,9 @@ def socket_path(args: argparse.Namespace) -> Path:
 def _socket_from_raw(path: Path) -> Path | None:
     from natfail import config as cfg
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
     try:
-        data = tomllib.loads(cfg.read_config_file(path).decode("utf-8-sig"))
-    except (cfg.ConfigError, ValueError, RecursionError):
+        data = cfg.read_raw(path)
+    except cfg.ConfigError:
         return None
     daemon = data.get("daemon", {})
     socket = daemon.get("socket") if isinstance(daemon, dict) else None
