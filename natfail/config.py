@@ -11,9 +11,9 @@ Rules beyond the types, and why:
   ``intervall`` must not silently fall back to a default.
 * Relative paths are resolved against the directory of the config file, so a
   config means the same thing whatever the working directory of the daemon.
-* ``timeout`` may be larger than ``interval``: DESIGN.md does not forbid it,
-  so it is not enforced here.
-* ``priority`` has no default in DESIGN.md, so every backend must give one.
+* ``timeout`` may be larger than ``interval``: the contract does not forbid
+  it, so it is not enforced here.
+* ``priority`` has no default in the contract, so every backend must give one.
 * Endpoints are IP literals only (no DNS: a failover path must not depend on
   a resolver) and must be unicast (DNAT to 0.0.0.0 or a multicast group is
   never what was meant).

@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from natfail import commands, exitcodes, jsonlimit
 from natfail import config as cfg
-from natfail import jsonlimit
 from natfail.core import health as hl
 from natfail.core import noise, ruleset
 from natfail.core import selector as sel
@@ -470,7 +470,7 @@ class Daemon:
         if not (desired.empty and installed.empty):
             while not self._apply(desired):
                 if await self._sleep_or_stop(1.0):
-                    return 0
+                    return exitcodes.OK
         # Whatever reached a public endpoint while its rule was missing (before
         # this start, or while a previous daemon was down) is not NATed.
         await self._unstrand(desired, None)
@@ -510,7 +510,7 @@ class Daemon:
                 self.metrics.close()
             self._save_state()
             log.info("natfail stopped; the rules stay in place")
-        return 0
+        return exitcodes.OK
 
     async def _sleep_or_stop(self, seconds: float) -> bool:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -603,7 +603,7 @@ class Daemon:
             new, keys = await asyncio.to_thread(self._read_config, path)
         except (cfg.ConfigError, ValueError) as exc:
             log.error("reload refused, the running config stays: %s", exc)
-            raise RequestError(f"reload refused: {exc}", 2) from None
+            raise RequestError(f"reload refused: {exc}", exitcodes.USAGE) from None
         async with self._lock:
             # Everything up to the transaction is undone on any failure: a
             # reload takes effect whole or not at all.
@@ -815,7 +815,8 @@ class Daemon:
             force = request.get("force", False)
             if not isinstance(force, bool):
                 # "false" is a non-empty string: never let it mean yes.
-                raise RequestError(f"force must be true or false, not {force!r}", 2)
+                raise RequestError(f"force must be true or false, not {force!r}",
+                                   exitcodes.USAGE)
             if state != hl.HealthState.UP and not force:
                 raise RequestError(f"{name}: backend {backend} is {state.value}; "
                                    "use --force to switch anyway")
@@ -836,8 +837,8 @@ class Daemon:
         if command == "reload":
             log.info("reload requested by uid %d", peer.uid)
             return {"message": await self.reload()}
-        if command not in ("switch", "release", "drain", "undrain"):
-            raise RequestError(f"unknown command {command!r}", 2)
+        if command not in commands.OPERATOR:
+            raise RequestError(f"unknown command {command!r}", exitcodes.USAGE)
         # Under the lock: a reload running meanwhile cannot swap the service
         # out between the check of the request and the switch.
         async with self._lock:

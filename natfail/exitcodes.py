@@ -1,4 +1,4 @@
-"""Exit codes of both programs, as the contract in DESIGN.md gives them."""
+"""Exit codes of both programs, as README.adoc's "Exit codes" gives them."""
 
 from typing import Final
 

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from natfail import exitcodes
 from natfail.cli.common import Refused, Unreachable, UsageError
 
 TIMEOUT = 10.0
@@ -57,7 +58,7 @@ def call(path: Path, request: dict[str, Any], timeout: float = TIMEOUT) -> dict[
         raise Refused(f"the daemon at {path} sent an unreadable reply")
     if not reply.get("ok"):
         message = str(reply.get("error", "refused"))
-        if reply.get("code") == 2:
+        if reply.get("code") == exitcodes.USAGE:
             raise UsageError(message)
         raise Refused(message)
     return reply

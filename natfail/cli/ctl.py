@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from natfail import exitcodes
+from natfail import commands, exitcodes
 from natfail.cli.common import ArgumentParser, UsageError, guarded
 
 PROG = "natfailctl"
@@ -90,7 +90,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         from natfail.cli import probe_cmds
 
         return probe_cmds.probe(args) if args.command == "probe" else probe_cmds.probe_peer(args)
-    if args.command in ("status", "switch", "release", "drain", "undrain", "reload"):
+    if args.command in commands.DAEMON:
         from natfail.cli import daemon_cmds
 
         return daemon_cmds.run(args)

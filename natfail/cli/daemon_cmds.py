@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from natfail import exitcodes
+from natfail import commands, exitcodes
 from natfail.cli import client
 from natfail.cli.common import UsageError
 
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     path = socket_path(args)
     command = args.command
     request: dict[str, Any] = {"command": command}
-    if command in ("switch", "release", "drain", "undrain"):
+    if command in commands.OPERATOR:
         request["service"] = args.service
-    if command in ("switch", "drain", "undrain"):
+    if command in commands.WITH_BACKEND:
         request["backend"] = args.backend
     if command == "switch":
         request["force"] = bool(args.force)

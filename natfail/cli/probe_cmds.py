@@ -41,9 +41,11 @@ def _key_from_file(path: Path, what: str) -> bytes:
 
 
 def _timestamp_path(conf: cfg.Config | None) -> Path | None:
+    from natfail.io.timestamps import STATE_FILE
+
     state_dir = conf.daemon.state_dir if conf else cfg.DEFAULT_DAEMON.state_dir
     if os.access(state_dir, os.W_OK):
-        return state_dir / "probe-timestamp"
+        return state_dir / STATE_FILE
     return None
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from natfail import jsonlimit
+from natfail import commands, exitcodes, jsonlimit
 from natfail.io.loop_errors import RepeatLog, accept_failure
 from natfail.oneline import error_line
 
@@ -51,7 +51,7 @@ ACCEPT_RETRY: Final = 0.5
 MAX_DEPTH: Final = jsonlimit.MAX_DEPTH
 
 # Commands a member of the socket's group may run; root may run every one.
-READ_ONLY_COMMANDS: Final = frozenset({"status", "ping"})
+READ_ONLY_COMMANDS: Final = commands.READ_ONLY
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +73,7 @@ class Peer:
 class RequestError(Exception):
     """A request the daemon refuses; `code` is the exit code natfailctl uses."""
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = exitcodes.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -114,7 +114,7 @@ def peer_of(sock: socket.socket) -> Peer:
     return Peer(pid, uid, gid, _peer_groups(sock, pid))
 
 
-def error_reply(message: str, code: int = 1) -> dict[str, Any]:
+def error_reply(message: str, code: int = exitcodes.FAILED) -> dict[str, Any]:
     return {"ok": False, "error": message, "code": code}
 
 
@@ -335,7 +335,7 @@ class ControlServer:
         self._repeats.report(f"control: bad request: {message}",
                              f"control: bad request from uid {peer.uid} (pid {peer.pid}): "
                              f"{message}")
-        return error_reply(message, 2)
+        return error_reply(message, exitcodes.USAGE)
 
     async def _one_request(self, reader: asyncio.StreamReader, peer: Peer) -> dict[str, Any]:
         try:
@@ -347,7 +347,7 @@ class ControlServer:
         except asyncio.IncompleteReadError as exc:
             line = exc.partial
             if not line.strip():
-                return error_reply("empty request", 2)
+                return error_reply("empty request", exitcodes.USAGE)
         try:
             request = jsonlimit.loads(line, max_depth=MAX_DEPTH)
         except ValueError as exc:  # UnicodeDecodeError is one
