@@ -336,11 +336,18 @@ class Daemon:
 
     # -- probing -----------------------------------------------------------------------
 
-    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, result: ProbeResult) -> bool:
-        """Feed one probe result to the backend's health; True when it just went down."""
+    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, keys: noise.Keys,
+                 result: ProbeResult) -> bool:
+        """Feed one probe result to the backend's health; True when it just went down.
+
+        ``backend`` and ``keys`` are what was probed: a reload while the probe
+        was in flight may have removed the backend or changed its address or
+        the service's keys, and then the result says nothing about it."""
         old = rt.health.get(backend.name)
-        if old is None:
-            return False  # removed by a reload while the probe was in flight
+        now_probed = rt.service.backend(backend.name)
+        if (old is None or now_probed is None or now_probed.address != backend.address
+                or rt.keys != keys):
+            return False
         if result.local:
             # Our own trouble (out of file descriptors, say) says nothing
             # about the backend: it must never move traffic.
@@ -382,13 +389,13 @@ class Daemon:
             self._local_errors[key] = (first, repeats + 1)
 
     async def _probe_round(self, rt: ServiceRuntime) -> None:
-        probe = rt.service.probe
+        probe, keys = rt.service.probe, rt.keys
         backends = list(rt.service.backends)
         results = await asyncio.gather(
-            *(self.transport.probe(rt.keys, b.address, probe.timeout) for b in backends)
+            *(self.transport.probe(keys, b.address, probe.timeout) for b in backends)
         )
         went_down = [b.name for b, result in zip(backends, results, strict=True)
-                     if self._observe(rt, b, result) and b.name != rt.active]
+                     if self._observe(rt, b, keys, result) and b.name != rt.active]
         await self._decide(rt)
         if went_down:
             await self._forget_standbys(rt, went_down)

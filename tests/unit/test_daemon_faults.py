@@ -407,3 +407,36 @@ def test_a_foreign_nat_of_the_public_endpoint_is_reported(
 
 
 __all__ = ["Daemon", "rig"]  # the rig fixture, imported for pytest
+
+
+def test_a_probe_in_flight_across_a_reload_is_not_counted_for_the_new_address(
+    rig: Rig,
+) -> None:
+    """The reload race of issue 11: a's probe leaves for 10.0.0.2, a reload moves
+    a to 10.0.0.9 meanwhile, and the old address's answer must not count."""
+    release = asyncio.Event()
+
+    class Slow(FakeTransport):
+        async def probe(self, keys: object, target: cfg.Endpoint,
+                        timeout: float) -> ProbeResult:
+            if str(target) == A:
+                await release.wait()
+            return await super().probe(keys, target, timeout)  # type: ignore[arg-type]
+
+    rig.transport = Slow()
+
+    async def main() -> None:
+        async with running(rig.daemon()) as d:
+            rt = d.services["wg0"]
+            rig.set_up(a=True, b=True, c=True)
+            in_flight = asyncio.create_task(d._probe_round(rt))
+            await asyncio.sleep(0.05)  # a's probe is out, to the old address
+            rig.path.write_text(rig.text().replace(A, "10.0.0.9:51820"))
+            await d.reload()
+            release.set()
+            await in_flight
+            assert rt.health["a"].state is HealthState.UNKNOWN
+            assert rt.health["a"].successes == 0  # not counted for 10.0.0.9
+            assert rt.health["b"].successes == 1  # unchanged backends count
+
+    asyncio.run(main())
