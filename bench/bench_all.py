@@ -36,11 +36,18 @@ def main() -> int:
         if rc != 0:
             failed.append(name)
     print("== plot", flush=True)
-    if subprocess.run([sys.executable, str(ROOT / "bench" / "plot.py")], cwd=ROOT,
-                      check=False).returncode != 0:
+    if (
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "plot.py")], cwd=ROOT, check=False
+        ).returncode
+        != 0
+    ):
         failed.append("plot")
-    print(f"== all done in {time.monotonic() - started:.0f} s"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    print(
+        f"== all done in {time.monotonic() - started:.0f} s"
+        + (f"; failed: {', '.join(failed)}" if failed else ""),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

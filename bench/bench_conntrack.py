@@ -50,9 +50,11 @@ MAGIC = 0xBEEF
 def _template(client: str, dst: str, reply_src: str, mark: int, dport: int) -> bytes:
     msg = nfct_msg.create_from(
         tuple_orig=NFCTAttrTuple(saddr=client, daddr=dst, proto=17, sport=MAGIC, dport=dport),
-        tuple_reply=NFCTAttrTuple(saddr=reply_src, daddr=client, proto=17, sport=dport,
-                                  dport=MAGIC),
-        timeout=600, mark=mark or None,
+        tuple_reply=NFCTAttrTuple(
+            saddr=reply_src, daddr=client, proto=17, sport=dport, dport=MAGIC
+        ),
+        timeout=600,
+        mark=mark or None,
     )
     msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
@@ -68,17 +70,17 @@ def create_flows(n: int, client_base: int, mark: int, reply_src: str, dport: int
     s.bind((0, 0))
     tpl = bytearray(_template("100.64.0.1", "203.0.113.10", reply_src, mark, dport))
     magic = struct.pack("!H", MAGIC)
-    ports = [i for i in range(len(tpl) - 1) if tpl[i:i + 2] == magic]
+    ports = [i for i in range(len(tpl) - 1) if tpl[i : i + 2] == magic]
     ip = socket.inet_aton("100.64.0.1")
-    ips = [i for i in range(len(tpl) - 3) if tpl[i:i + 4] == ip]
+    ips = [i for i in range(len(tpl) - 3) if tpl[i : i + 4] == ip]
     batch = bytearray()
     for k in range(n):
         idx = client_base + k
         host = socket.inet_aton(f"100.{64 + (idx >> 16) % 64}.{(idx >> 8) & 255}.{idx & 255}")
         for off in ports:
-            tpl[off:off + 2] = struct.pack("!H", 1024 + (idx % 60000))
+            tpl[off : off + 2] = struct.pack("!H", 1024 + (idx % 60000))
         for off in ips:
-            tpl[off:off + 4] = host
+            tpl[off : off + 4] = host
         tpl[8:12] = struct.pack("=I", k + 1)  # sequence
         batch += tpl
         if len(batch) > 60000:
@@ -118,8 +120,11 @@ def run_size(n: int, ct: NetlinkConntrack) -> dict[str, object]:
             res = ct.remove_backend(MARK, OLD)
             extra = {"netlink_requests": res.requests, "passes": res.passes}
         else:
-            subprocess.run(["conntrack", "-D", "-p", "udp", "--orig-port-dst", "51820"],
-                           capture_output=True, check=False)
+            subprocess.run(
+                ["conntrack", "-D", "-p", "udp", "--orig-port-dst", "51820"],
+                capture_output=True,
+                check=False,
+            )
             extra = {}
         dt = time.perf_counter() - t
         left = count()
@@ -147,9 +152,8 @@ def main() -> int:
         "shell_way": "conntrack -D -p udp --orig-port-dst 51820",
         "rows": rows,
         "target": "100k flows: natfail at most 0.2 of the shell way's time",
-        "meets_target": last["flows"] != 100000 or (
-            last["ratio_natfail_to_shell"] is not None
-            and last["ratio_natfail_to_shell"] <= 0.2),  # type: ignore[operator]
+        "meets_target": last["flows"] != 100000
+        or (last["ratio_natfail_to_shell"] is not None and last["ratio_natfail_to_shell"] <= 0.2),  # type: ignore[operator]
     }
     write_results(RESULTS, result)
     print(json.dumps(result, indent=2))

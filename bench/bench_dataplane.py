@@ -33,11 +33,19 @@ TARGET_NFT_MS = 1.0
 def services() -> list[Service]:
     def svc(name: str, public: str, backends: list[tuple[str, str]]) -> Service:
         return Service(
-            name=name, public=Endpoint.parse(public), inbound_interface=None,
-            server_public_key=b"\0" * 32, preshared_key_file=None, failback="sticky",
-            preempt_delay=30.0, source_nat="preserve", notify=None, probe=ProbeSettings(),
-            backends=tuple(Backend(n, Endpoint.parse(a), 100 - i)
-                           for i, (n, a) in enumerate(backends)),
+            name=name,
+            public=Endpoint.parse(public),
+            inbound_interface=None,
+            server_public_key=b"\0" * 32,
+            preshared_key_file=None,
+            failback="sticky",
+            preempt_delay=30.0,
+            source_nat="preserve",
+            notify=None,
+            probe=ProbeSettings(),
+            backends=tuple(
+                Backend(n, Endpoint.parse(a), 100 - i) for i, (n, a) in enumerate(backends)
+            ),
         )
 
     return [

@@ -39,15 +39,14 @@ from natfail.lab import Lab, LabBackend  # noqa: E402
 
 RESULTS = RESULTS_DIR / "failover.json"
 PROBE = {"interval": 0.5, "timeout": 0.3, "rise": 1, "fall": 2}
-EXTRA = 'failback = "sticky"\n[service.probe]\n' + "\n".join(
-    f"{k} = {v}" for k, v in PROBE.items()
-)
+EXTRA = 'failback = "sticky"\n[service.probe]\n' + "\n".join(f"{k} = {v}" for k, v in PROBE.items())
 PING_INTERVAL = 0.05
 RECOVERY_LIMIT = 40.0
 
 
-def one_kill(lab: Lab, daemon: Daemon, pinger: Pinger, victim: LabBackend,
-             other: LabBackend) -> dict[str, Any]:
+def one_kill(
+    lab: Lab, daemon: Daemon, pinger: Pinger, victim: LabBackend, other: LabBackend
+) -> dict[str, Any]:
     before = pinger.last_reply_before(time.time())
     killed = time.time()
     victim.stop()
@@ -109,10 +108,13 @@ def main() -> int:
                 row = one_kill(lab, daemon, pinger, active, standby)
                 row["kill"] = i + 1
                 rows.append(row)
-                print(f"kill {i + 1:2d}: {row['killed']} -> {row['to']}: detected "
-                      f"{row['detected_ms']} ms, swapped {row['swapped_ms']} ms (swap "
-                      f"{row['swap_ms']} ms, cleanup {row['conntrack_cleanup_ms']} ms), client "
-                      f"back {row['outage_ms']} ms", flush=True)
+                print(
+                    f"kill {i + 1:2d}: {row['killed']} -> {row['to']}: detected "
+                    f"{row['detected_ms']} ms, swapped {row['swapped_ms']} ms (swap "
+                    f"{row['swap_ms']} ms, cleanup {row['conntrack_cleanup_ms']} ms), client "
+                    f"back {row['outage_ms']} ms",
+                    flush=True,
+                )
                 active, standby = standby, active
         finally:
             if pinger is not None:
@@ -124,7 +126,7 @@ def main() -> int:
 
     result = {
         "what": "kill the active backend's wireguard-go; daemon detection, swap, conntrack "
-                "cleanup, and the client's outage (ping every 50 ms through the tunnel)",
+        "cleanup, and the client's outage (ping every 50 ms through the tunnel)",
         "machine": machine(),
         "probe": PROBE,
         "failback": "sticky",
@@ -140,7 +142,7 @@ def main() -> int:
             "outage": stats(col("outage_ms")),
         },
         "note": "outage is mostly WireGuard's: the new backend has no session until the "
-                "client re-handshakes, about 15 s after its packets stop getting answers",
+        "client re-handshakes, about 15 s after its packets stop getting answers",
         "rows": rows,
     }
     write_results(RESULTS, result)

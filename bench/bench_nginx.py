@@ -89,8 +89,12 @@ stream {{
 
 
 def iperf(lab: Lab, seconds: int) -> dict[str, Any]:
-    cp = lab.exec(lab.client, ["iperf3", "-c", SERVER_TUNNEL_V4, "-t", str(seconds), "-O", "1",
-                               "-J"], timeout=seconds + 30, check=False)
+    cp = lab.exec(
+        lab.client,
+        ["iperf3", "-c", SERVER_TUNNEL_V4, "-t", str(seconds), "-O", "1", "-J"],
+        timeout=seconds + 30,
+        check=False,
+    )
     data = json.loads(cp.stdout)
     if "error" in data:
         raise RuntimeError(f"iperf3: {data['error']}")
@@ -180,22 +184,27 @@ def main() -> int:
         print("bench_nginx: run as root", file=sys.stderr)
         return 2
     if shutil.which("nginx") is None or shutil.which("iperf3") is None:
-        print("bench_nginx: needs nginx, libnginx-mod-stream and iperf3 (scripts/bench "
-              "installs them)", file=sys.stderr)
+        print(
+            "bench_nginx: needs nginx, libnginx-mod-stream and iperf3 (scripts/bench "
+            "installs them)",
+            file=sys.stderr,
+        )
         return 2
     result: dict[str, Any] = {
         "what": "WireGuard through natfail's DNAT vs through NGINX stream (UDP proxy): "
-                "iperf3 TCP throughput in the tunnel, and the client's outage when the "
-                "primary dies",
+        "iperf3 TCP throughput in the tunnel, and the client's outage when the "
+        "primary dies",
         "machine": machine(),
-        "nginx_version": subprocess.run(["nginx", "-v"], capture_output=True, text=True,
-                                        check=False).stderr.strip(),
-        "iperf3_version": subprocess.run(["iperf3", "-v"], capture_output=True, text=True,
-                                         check=False).stdout.splitlines()[0],
+        "nginx_version": subprocess.run(
+            ["nginx", "-v"], capture_output=True, text=True, check=False
+        ).stderr.strip(),
+        "iperf3_version": subprocess.run(
+            ["iperf3", "-v"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0],
         "nginx": NGINX_SETTINGS,
         "natfail_probe": PROBE,
         "direct_means": "client endpoint = backend a, routed by the gateway without NAT or "
-                        "firewall rules",
+        "firewall rules",
     }
     nginx_dir = Path(tempfile.mkdtemp(prefix="natfail-bench-nginx-"))
     nginx: subprocess.Popen[str] | None = None
@@ -203,9 +212,15 @@ def main() -> int:
     try:
         with Lab(backends=2, ipv6=False) as lab:
             a, b = lab.backends[0], lab.backends[1]
-            servers = [lab.popen(x, ["iperf3", "-s", "-B", SERVER_TUNNEL_V4],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                       for x in (a, b)]
+            servers = [
+                lab.popen(
+                    x,
+                    ["iperf3", "-s", "-B", SERVER_TUNNEL_V4],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for x in (a, b)
+            ]
             try:
                 time.sleep(0.5)
                 throughput: dict[str, Any] = {}
@@ -214,8 +229,18 @@ def main() -> int:
                 cl = lab.client
                 lab.exec(cl, ["ip", "route", "add", "10.0.0.0/24", "via", GATEWAY_WAN_V4])
                 lab.client_rehandshake()
-                lab.exec(cl, ["wg", "set", cl.wg_if, "peer", lab.server_key.public_b64,
-                              "endpoint", a.address])
+                lab.exec(
+                    cl,
+                    [
+                        "wg",
+                        "set",
+                        cl.wg_if,
+                        "peer",
+                        lab.server_key.public_b64,
+                        "endpoint",
+                        a.address,
+                    ],
+                )
                 if not lab.client_ping(count=3, interval=0.1, timeout=8):
                     raise RuntimeError("direct: no pings through the tunnel")
                 throughput["direct"] = iperf(lab, args.seconds)
@@ -234,11 +259,9 @@ def main() -> int:
                 throughput["natfail"]["carried_by"] = carrying(lab)
                 print(f"natfail: {throughput['natfail']['mbit_s']} Mbit/s", flush=True)
                 out_natfail = {"hang": outage(lab, carrier(lab), "hang")}
-                print(f"natfail outage, hung backend: {out_natfail['hang']['shown']}",
-                      flush=True)
+                print(f"natfail outage, hung backend: {out_natfail['hang']['shown']}", flush=True)
                 out_natfail["kill"] = outage(lab, carrier(lab), "kill")
-                print(f"natfail outage, killed backend: {out_natfail['kill']['shown']}",
-                      flush=True)
+                print(f"natfail outage, killed backend: {out_natfail['kill']['shown']}", flush=True)
                 daemon.stop()
                 result["natfail_tables_removed"] = remove_natfail_tables(lab)
 
@@ -251,14 +274,37 @@ def main() -> int:
                     x.start()
                 conf = nginx_dir / "nginx.conf"
                 conf.write_text(nginx_conf(nginx_dir, a, b))
-                lab.exec(lab.gateway, ["nginx", "-t", "-p", str(nginx_dir), "-e",
-                                       str(nginx_dir / "error.log"), "-c", str(conf)])
-                nginx = lab.popen(lab.gateway, ["nginx", "-p", str(nginx_dir), "-e",
-                                                str(nginx_dir / "error.log"), "-c", str(conf)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                lab.exec(
+                    lab.gateway,
+                    [
+                        "nginx",
+                        "-t",
+                        "-p",
+                        str(nginx_dir),
+                        "-e",
+                        str(nginx_dir / "error.log"),
+                        "-c",
+                        str(conf),
+                    ],
+                )
+                nginx = lab.popen(
+                    lab.gateway,
+                    [
+                        "nginx",
+                        "-p",
+                        str(nginx_dir),
+                        "-e",
+                        str(nginx_dir / "error.log"),
+                        "-c",
+                        str(conf),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 if not wait_until(lambda: (nginx_dir / "nginx.pid").exists(), 5):
-                    raise RuntimeError("nginx did not start: "
-                                       + (nginx_dir / "error.log").read_text()[-500:])
+                    raise RuntimeError(
+                        "nginx did not start: " + (nginx_dir / "error.log").read_text()[-500:]
+                    )
                 time.sleep(0.3)
                 lab.client_rehandshake()
                 if not lab.client_ping(count=3, interval=0.1, timeout=8):
@@ -268,14 +314,18 @@ def main() -> int:
                 cpu1 = ns_cpu_seconds(lab, "nginx")
                 throughput["nginx"]["nginx_cpu_s"] = round(cpu1 - cpu0, 2)
                 throughput["nginx"]["carried_by"] = carrying(lab)
-                print(f"nginx:   {throughput['nginx']['mbit_s']} Mbit/s "
-                      f"(nginx used {cpu1 - cpu0:.1f} CPU s)", flush=True)
+                print(
+                    f"nginx:   {throughput['nginx']['mbit_s']} Mbit/s "
+                    f"(nginx used {cpu1 - cpu0:.1f} CPU s)",
+                    flush=True,
+                )
                 out_nginx = {"hang": outage(lab, carrier(lab), "hang")}
                 print(f"nginx outage, hung backend: {out_nginx['hang']['shown']}", flush=True)
                 out_nginx["kill"] = outage(lab, carrier(lab), "kill")
                 print(f"nginx outage, killed backend: {out_nginx['kill']['shown']}", flush=True)
                 result["nginx_error_log_tail"] = (
-                    (nginx_dir / "error.log").read_text().splitlines()[-40:])
+                    (nginx_dir / "error.log").read_text().splitlines()[-40:]
+                )
             finally:
                 for s in servers:
                     s.kill()

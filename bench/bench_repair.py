@@ -52,11 +52,16 @@ def main() -> None:
         config = lab.write_config()
         log = lab.dir / "natfail.log"
         with open(log, "w") as sink:
-            daemon = lab.popen(lab.gateway, [sys.executable, "-m", "natfail", "-c", str(config)],
-                               stdout=sink, stderr=subprocess.STDOUT,
-                               env={"PYTHONPATH": str(ROOT)})
-        assert wait_until(lambda: "active backend none -> a" in log.read_text(), 15), \
+            daemon = lab.popen(
+                lab.gateway,
+                [sys.executable, "-m", "natfail", "-c", str(config)],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={"PYTHONPATH": str(ROOT)},
+            )
+        assert wait_until(lambda: "active backend none -> a" in log.read_text(), 15), (
             log.read_text()
+        )
         monitor = lab.popen(lab.gateway, ["nft", "monitor", "tables"], stdout=subprocess.PIPE)
         time.sleep(0.3)
         for _ in range(args.n):
@@ -73,7 +78,7 @@ def main() -> None:
     samples.sort()
     result = {
         "what": "start of `nft flush ruleset` in the gateway -> natfail's table back "
-                "(upper bound: includes starting nft)",
+        "(upper bound: includes starting nft)",
         "machine": machine_info(),
         "flushes": len(samples),
         "median_ms": round(statistics.median(samples), 2),

@@ -95,18 +95,24 @@ def main() -> None:
                 active_backend = next((b for b in lab.backends if b.name == active), None)
                 stale = _stale_entries(lab, active_backend.v4) if active_backend else 0
                 alive_names = {b.name for b in lab.backends if b.running}
-                if (active in dead_since and alive_names
-                        and time.monotonic() - dead_since[active] > BOUND):
+                if (
+                    active in dead_since
+                    and alive_names
+                    and time.monotonic() - dead_since[active] > BOUND
+                ):
                     missed += 1
-                    events.append({"t": round(time.monotonic() - started, 2),
-                                   "missed_failover": active})
+                    events.append(
+                        {"t": round(time.monotonic() - started, 2), "missed_failover": active}
+                    )
                     dead_since[active] = time.monotonic()  # count each miss once
-                samples.append({
-                    "t": round(time.monotonic() - started, 2),
-                    "rss_kib": _rss_kib(daemon.proc.pid),
-                    "stale_entries": stale,
-                    "active": 0 if active is None else "abc".index(active[0]) + 1,
-                })
+                samples.append(
+                    {
+                        "t": round(time.monotonic() - started, 2),
+                        "rss_kib": _rss_kib(daemon.proc.pid),
+                        "stale_entries": stale,
+                        "active": 0 if active is None else "abc".index(active[0]) + 1,
+                    }
+                )
                 time.sleep(1.0)
         finally:
             pinger.stop()

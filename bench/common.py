@@ -78,13 +78,22 @@ class Daemon:
         self.config = config
         self.log = log
         with open(log, "w") as sink:
-            self.proc = lab.popen(lab.gateway, [sys.executable, "-m", "natfail", "-c", str(config)],
-                                  stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+            self.proc = lab.popen(
+                lab.gateway,
+                [sys.executable, "-m", "natfail", "-c", str(config)],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=ENV,
+            )
 
     def status_active(self) -> str | None:
         proc = subprocess.run(
             [sys.executable, "-m", "natfail.cli.ctl", "-c", str(self.config), "status", "--json"],
-            capture_output=True, text=True, timeout=30, check=False, env={**os.environ, **ENV},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env={**os.environ, **ENV},
         )
         m = re.search(r'"active": "([^"]+)"', proc.stdout) if proc.returncode == 0 else None
         return m.group(1) if m else None
@@ -122,8 +131,11 @@ class Pinger:
         self.interval = interval
         self.replies: list[float] = []
         self._lock = threading.Lock()
-        self.proc = lab.popen(lab.client, ["ping", "-n", "-D", "-i", f"{interval:g}", "-W", "1",
-                                           target], stdout=subprocess.PIPE)
+        self.proc = lab.popen(
+            lab.client,
+            ["ping", "-n", "-D", "-i", f"{interval:g}", "-W", "1", target],
+            stdout=subprocess.PIPE,
+        )
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -166,8 +178,9 @@ def stats(values: list[float]) -> dict[str, float]:
     p90 = s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
     return {
         "min": round(s[0], 1),
-        "median": round(s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2,
-                        1),
+        "median": round(
+            s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2, 1
+        ),
         "p90": round(p90, 1),
         "max": round(s[-1], 1),
         "mean": round(sum(s) / len(s), 1),

@@ -21,8 +21,9 @@ def reexec_in_fresh_netns(marker: str = "NATFAIL_BENCH_NETNS") -> None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         env = {**os.environ, marker: ns}
-        rc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, *sys.argv],
-                            env=env).returncode
+        rc = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, *sys.argv], env=env
+        ).returncode
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     raise SystemExit(rc)

@@ -55,38 +55,73 @@ def failover(data: dict[str, Any]) -> None:
     swp = [(r["swapped_ms"] - r["detected_ms"]) / 1000 for r in rows]
     rest = [(r["outage_ms"] - r["swapped_ms"]) / 1000 for r in rows]
     top.bar(kills, det, color="#d62728", label="kill → failure detected (probes)")
-    top.bar(kills, swp, bottom=det, color="#ff7f0e",
-            label="detected → rules swapped + conntrack cleaned")
-    top.bar(kills, rest, bottom=[d + s for d, s in zip(det, swp, strict=True)],
-            color="#1f77b4", alpha=0.55, label="swapped → client's tunnel back (WireGuard)")
+    top.bar(
+        kills,
+        swp,
+        bottom=det,
+        color="#ff7f0e",
+        label="detected → rules swapped + conntrack cleaned",
+    )
+    top.bar(
+        kills,
+        rest,
+        bottom=[d + s for d, s in zip(det, swp, strict=True)],
+        color="#1f77b4",
+        alpha=0.55,
+        label="swapped → client's tunnel back (WireGuard)",
+    )
     top.set_ylabel("seconds after the kill")
     top.set_xlabel("kill (alternating a and b)")
     top.set_xticks(kills)
     p = data["probe"]
-    top.set_title(f"Failover timeline over {len(rows)} kills (probe every {p['interval']} s, "
-                  f"timeout {p['timeout']} s, rise {p['rise']}, fall {p['fall']}; "
-                  "client pings every 50 ms)", fontsize=9)
+    top.set_title(
+        f"Failover timeline over {len(rows)} kills (probe every {p['interval']} s, "
+        f"timeout {p['timeout']} s, rise {p['rise']}, fall {p['fall']}; "
+        "client pings every 50 ms)",
+        fontsize=9,
+    )
     top.set_ylim(0, max(r["outage_ms"] for r in rows) / 1000 * 1.4)
     top.legend(fontsize=8, loc="upper center", ncol=2)
-    bottom.plot(kills, [r["detected_ms"] for r in rows], "o-", color="#d62728",
-                label="failure detected (ms after kill)")
-    bottom.plot(kills, [r["swapped_ms"] for r in rows], "s-", color="#ff7f0e",
-                label="swap done (ms after kill)")
+    bottom.plot(
+        kills,
+        [r["detected_ms"] for r in rows],
+        "o-",
+        color="#d62728",
+        label="failure detected (ms after kill)",
+    )
+    bottom.plot(
+        kills,
+        [r["swapped_ms"] for r in rows],
+        "s-",
+        color="#ff7f0e",
+        label="swap done (ms after kill)",
+    )
     bottom.set_ylabel("ms after the kill")
     bottom.set_xlabel("kill")
     bottom.set_xticks(kills)
     ax2 = bottom.twinx()
-    ax2.plot(kills, [r["swap_ms"] for r in rows], "^--", color="#2ca02c",
-             label="swap transaction (ms, right)")
-    ax2.plot(kills, [r["conntrack_cleanup_ms"] for r in rows], "v--", color="#9467bd",
-             label="conntrack cleanup (ms, right)")
+    ax2.plot(
+        kills,
+        [r["swap_ms"] for r in rows],
+        "^--",
+        color="#2ca02c",
+        label="swap transaction (ms, right)",
+    )
+    ax2.plot(
+        kills,
+        [r["conntrack_cleanup_ms"] for r in rows],
+        "v--",
+        color="#9467bd",
+        label="conntrack cleanup (ms, right)",
+    )
     ax2.set_ylabel("duration, ms")
     ax2.set_ylim(0, max(max(r["swap_ms"], r["conntrack_cleanup_ms"]) for r in rows) * 1.7)
     bottom.set_ylim(0, max(r["swapped_ms"] for r in rows) * 1.7)
     lines = bottom.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    bottom.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center",
-                  ncol=2)
+    bottom.legend(
+        lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper center", ncol=2
+    )
     bottom.set_title("The daemon's part, zoomed in", fontsize=9)
     save(fig, "failover-timeline.png", data)
 
@@ -100,11 +135,23 @@ def conntrack(data: dict[str, Any]) -> None:
     ax.plot(flows, nat, "o-", label="natfail (filtered netlink flush)")
     ax.plot(flows, sh, "s-", label=f"shell: {data.get('shell_way', 'conntrack -D')}")
     for x, y in zip(flows, nat, strict=True):
-        ax.annotate(f"{y:.0f} ms", (x, y), textcoords="offset points", xytext=(0, -14),
-                    ha="center", fontsize=8)
+        ax.annotate(
+            f"{y:.0f} ms",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+        )
     for x, y in zip(flows, sh, strict=True):
-        ax.annotate(f"{y:.0f} ms", (x, y), textcoords="offset points", xytext=(0, 6),
-                    ha="center", fontsize=8)
+        ax.annotate(
+            f"{y:.0f} ms",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(min(nat + sh) / 2.5, max(nat + sh) * 2.5)
@@ -139,22 +186,26 @@ def swap(data: dict[str, Any]) -> None:
 
 def probe(data: dict[str, Any]) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4), width_ratios=(1.4, 1))
-    parts = [("build_initiation_us", "build initiation"),
-             ("consume_response_us", "consume response"),
-             ("probe_us", "whole probe")]
+    parts = [
+        ("build_initiation_us", "build initiation"),
+        ("consume_response_us", "consume response"),
+        ("probe_us", "whole probe"),
+    ]
     vals = [data[k] for k, _ in parts]
     bars = left.barh([label for _, label in parts], vals, color=["#1f77b4", "#ff7f0e", "#2ca02c"])
     left.bar_label(bars, fmt="%.0f µs", fontsize=8)
-    left.axvline(data["target_us"], color="red", ls="--", lw=1,
-                 label=f"target {data['target_us']:.0f} µs")
+    left.axvline(
+        data["target_us"], color="red", ls="--", lw=1, label=f"target {data['target_us']:.0f} µs"
+    )
     left.set_xlabel("CPU µs (best of rounds)")
     left.set_title("CPU cost of one probe", fontsize=10)
     left.legend(fontsize=8, loc="lower right")
     left.set_xlim(0, max(vals) * 1.3)
     per_core = data["backends_per_core_at_1hz"]
     intervals = [0.5, 1.0, 2.0]
-    bars = right.bar([f"every {i:g} s" for i in intervals], [per_core * i for i in intervals],
-                     color="#9467bd")
+    bars = right.bar(
+        [f"every {i:g} s" for i in intervals], [per_core * i for i in intervals], color="#9467bd"
+    )
     right.bar_label(bars, fmt="%.0f", fontsize=8)
     right.set_ylabel("backends one core can probe")
     right.set_title("Backends per core (probe interval)", fontsize=10)
@@ -164,26 +215,37 @@ def probe(data: dict[str, Any]) -> None:
 def nginx(data: dict[str, Any]) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 4.2))
     t = data["throughput"]
-    modes = [("direct", "direct\n(routed, no NAT)"), ("natfail", "natfail\n(kernel DNAT)"),
-             ("nginx", "NGINX stream\n(UDP proxy)")]
+    modes = [
+        ("direct", "direct\n(routed, no NAT)"),
+        ("natfail", "natfail\n(kernel DNAT)"),
+        ("nginx", "NGINX stream\n(UDP proxy)"),
+    ]
     vals = [t[m]["mbit_s"] for m, _ in modes]
     bars = left.bar([label for _, label in modes], vals, color=["grey", "#2ca02c", "#d62728"])
     left.bar_label(bars, fmt="%.0f Mbit/s", fontsize=8)
     left.set_ylabel("iperf3 TCP through the WireGuard tunnel, Mbit/s")
     left.set_title("Throughput", fontsize=10)
     o = data["outage"]
-    faults = [("hang", "backend hangs\n(SIGSTOP, no ICMP)"),
-              ("kill", "backend dies\n(killed, ICMP unreachable)")]
+    faults = [
+        ("hang", "backend hangs\n(SIGSTOP, no ICMP)"),
+        ("kill", "backend dies\n(killed, ICMP unreachable)"),
+    ]
     width = 0.38
     top = 0.0
-    for i, (name, label, colour) in enumerate((("natfail", "natfail", "#2ca02c"),
-                                                ("nginx", "NGINX stream", "#d62728"))):
+    for i, (name, label, colour) in enumerate(
+        (("natfail", "natfail", "#2ca02c"), ("nginx", "NGINX stream", "#d62728"))
+    ):
         runs = [o[name][f] for f, _ in faults]
         secs = [r["cap_s"] if r["capped"] else r["outage_ms"] / 1000 for r in runs]
         top = max(top, *secs)
-        bars = right.bar([x + (i - 0.5) * width for x in range(len(faults))], secs, width,
-                         color=colour, label=label,
-                         hatch=["//" if r["capped"] else "" for r in runs])
+        bars = right.bar(
+            [x + (i - 0.5) * width for x in range(len(faults))],
+            secs,
+            width,
+            color=colour,
+            label=label,
+            hatch=["//" if r["capped"] else "" for r in runs],
+        )
         right.bar_label(bars, labels=[r["shown"] for r in runs], fontsize=8)
     right.set_xticks(range(len(faults)), [label for _, label in faults], fontsize=8)
     right.set_ylabel("seconds from the fault to the first ping reply")
@@ -196,14 +258,18 @@ def nginx(data: dict[str, Any]) -> None:
 def soak(data: dict[str, Any]) -> None:
     samples = data["samples"]
     minutes = [x["t"] / 60 for x in samples]
-    fig, (top, mid, low) = plt.subplots(3, 1, figsize=(9, 5.6), sharex=True,
-                                        height_ratios=(2, 1, 1))
+    fig, (top, mid, low) = plt.subplots(
+        3, 1, figsize=(9, 5.6), sharex=True, height_ratios=(2, 1, 1)
+    )
     top.plot(minutes, [x["rss_kib"] / 1024 for x in samples], color="#1f77b4", lw=1)
     top.set_ylabel("daemon RSS, MiB")
     top.set_ylim(0, max(x["rss_kib"] for x in samples) / 1024 * 1.2)
-    top.set_title(f"Soak: {data['kills']} kills and {data['restarts']} restarts of 3 backends "
-                  f"in {data['minutes']:g} min, with traffic; {data['missed_failovers']} missed "
-                  "failovers", fontsize=10)
+    top.set_title(
+        f"Soak: {data['kills']} kills and {data['restarts']} restarts of 3 backends "
+        f"in {data['minutes']:g} min, with traffic; {data['missed_failovers']} missed "
+        "failovers",
+        fontsize=10,
+    )
     mid.plot(minutes, [x["stale_entries"] for x in samples], color="#d62728", lw=1)
     mid.set_ylabel("stale entries")
     mid.set_ylim(-0.5, max(1, data["max_stale_entries"]) + 0.5)
@@ -215,8 +281,14 @@ def soak(data: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    plots = [("failover", failover), ("conntrack", conntrack), ("dataplane", swap),
-             ("probe", probe), ("nginx", nginx), ("soak", soak)]
+    plots = [
+        ("failover", failover),
+        ("conntrack", conntrack),
+        ("dataplane", swap),
+        ("probe", probe),
+        ("nginx", nginx),
+        ("soak", soak),
+    ]
     failed = 0
     for name, draw in plots:
         data = load(name)

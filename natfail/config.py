@@ -364,8 +364,10 @@ def _too_open(mode: int) -> str | None:
     that anyone but its owner may touch: a key another local user can read
     lets them impersonate the probe, one they can write lets them swap it."""
     if mode & 0o077:
-        return (f"permissions {stat.S_IMODE(mode):04o} are too open: a key must not be "
-                "accessible by group or others (chmod 600)")
+        return (
+            f"permissions {stat.S_IMODE(mode):04o} are too open: a key must not be "
+            "accessible by group or others (chmod 600)"
+        )
     return None
 
 
@@ -374,8 +376,10 @@ def _foreign_owner(uid: int, what: str) -> str | None:
     (a key to impersonate the probe, a hook to run as natfail, CAP_NET_ADMIN)."""
     if uid in (0, os.geteuid()):
         return None
-    return (f"is owned by uid {uid}: {what} must be owned by root or by the user natfail "
-            "runs as (chown)")
+    return (
+        f"is owned by uid {uid}: {what} must be owned by root or by the user natfail "
+        "runs as (chown)"
+    )
 
 
 def _read_small_file(path: Path) -> bytes:
@@ -485,8 +489,17 @@ _ROOT_KEYS: Final = ("daemon", "probe", "service")
 _DAEMON_KEYS: Final = ("firewall", "socket", "state_dir", "metrics_listen")
 _PROBE_KEYS: Final = ("private_key_file", "interval", "timeout", "rise", "fall")
 _SERVICE_KEYS: Final = (
-    "name", "public", "inbound_interface", "server_public_key", "preshared_key_file",
-    "failback", "preempt_delay", "source_nat", "notify", "probe", "backend",
+    "name",
+    "public",
+    "inbound_interface",
+    "server_public_key",
+    "preshared_key_file",
+    "failback",
+    "preempt_delay",
+    "source_nat",
+    "notify",
+    "probe",
+    "backend",
 )
 _BACKEND_KEYS: Final = ("name", "address", "priority")
 
@@ -691,7 +704,7 @@ def _daemon(table: _Table | None) -> DaemonSettings:
         try:
             parse_listen(metrics_listen)
         except ValueError as exc:
-            raise table.invalid("metrics_listen", f"{exc} (\"\" turns metrics off)") from None
+            raise table.invalid("metrics_listen", f'{exc} ("" turns metrics off)') from None
     return DaemonSettings(firewall, socket, state_dir, metrics_listen)
 
 
@@ -952,6 +965,7 @@ def read_raw(path: Path | str) -> dict[str, Any]:
 def read_config_file(path: Path) -> bytes:
     """The bytes of a regular file of at most CONFIG_FILE_LIMIT: /dev/zero, a FIFO
     or a huge file in place of the config must not hang or exhaust the daemon."""
+
     def refuse(reason: str) -> ConfigError:
         return ConfigError(path, "", f"cannot read the config file: {reason}")
 
@@ -998,8 +1012,10 @@ def _executable_problem(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return "is not a regular file"
     if mode & 0o022:
-        return (f"permissions {stat.S_IMODE(mode):04o} let group or others change it, and it "
-                "runs with natfail's privileges (chmod go-w)")
+        return (
+            f"permissions {stat.S_IMODE(mode):04o} let group or others change it, and it "
+            "runs with natfail's privileges (chmod go-w)"
+        )
     owner = _foreign_owner(info.st_uid, "a notify hook")
     if owner is not None:
         return owner

@@ -73,9 +73,14 @@ class ServiceRuntime:
 
     def candidates(self) -> list[sel.Candidate]:
         return [
-            sel.Candidate(b.name, b.priority, self.health[b.name].state,
-                          self.health[b.name].since, self.health[b.name].loss,
-                          self.health[b.name].failures)
+            sel.Candidate(
+                b.name,
+                b.priority,
+                self.health[b.name].state,
+                self.health[b.name].since,
+                self.health[b.name].loss,
+                self.health[b.name].failures,
+            )
             for b in self.service.backends
         ]
 
@@ -91,8 +96,9 @@ class _ReloadPlan:
 
 
 def _first_by_priority(service: cfg.Service, drained: set[str]) -> str:
-    order = sorted(enumerate(service.backends),
-                   key=lambda ib: (ib[1].name in drained, -ib[1].priority, ib[0]))
+    order = sorted(
+        enumerate(service.backends), key=lambda ib: (ib[1].name in drained, -ib[1].priority, ib[0])
+    )
     return order[0][1].name
 
 
@@ -128,7 +134,8 @@ class Daemon:
         self.monotonic = monotonic
         self._watch_ruleset = watch_ruleset
         self._check_interval = check_interval or (
-            SAFETY_CHECK_INTERVAL if watch_ruleset is not None else UNWATCHED_CHECK_INTERVAL)
+            SAFETY_CHECK_INTERVAL if watch_ruleset is not None else UNWATCHED_CHECK_INTERVAL
+        )
         self._checked = 0.0
         self.services: dict[str, ServiceRuntime] = {}
         self._lock = asyncio.Lock()
@@ -165,16 +172,19 @@ class Daemon:
             pin = {"backend": rt.pin.backend, "armed": rt.pin.armed} if rt.pin else None
             services[name] = {"pin": pin, "drained": sorted(rt.drained), "active": rt.active}
         try:
-            write_atomic(self._state_path, json.dumps({"version": 1, "services": services},
-                                                      indent=1).encode())
+            write_atomic(
+                self._state_path,
+                json.dumps({"version": 1, "services": services}, indent=1).encode(),
+            )
         except OSError as exc:
             reason = exc.strerror or str(exc)
             log.error("cannot write state file %s: %s", self._state_path, reason)
             return reason
         return None
 
-    def _runtime(self, service: cfg.Service, keys: noise.Keys, saved: Any,
-                 now: float) -> ServiceRuntime:
+    def _runtime(
+        self, service: cfg.Service, keys: noise.Keys, saved: Any, now: float
+    ) -> ServiceRuntime:
         rt = ServiceRuntime(
             service=service,
             keys=keys,
@@ -215,8 +225,9 @@ class Daemon:
         self._desired = desired
         return True
 
-    async def _apply_and_unstrand(self, desired: ruleset.Ruleset,
-                                  before: ruleset.Ruleset | None) -> bool:
+    async def _apply_and_unstrand(
+        self, desired: ruleset.Ruleset, before: ruleset.Ruleset | None
+    ) -> bool:
         """One transaction; then, only if it succeeded, the flows it strands go."""
         if not self._apply(desired):
             return False
@@ -234,8 +245,12 @@ class Daemon:
             try:
                 await self.conntrack.remove_unnated(dnat.public)
             except ConntrackError as exc:
-                log.error("%s: removing the un-NATed flows to %s failed: %s", dnat.service,
-                          dnat.public, exc)
+                log.error(
+                    "%s: removing the un-NATed flows to %s failed: %s",
+                    dnat.service,
+                    dnat.public,
+                    exc,
+                )
 
     async def _cleanup(self, service: cfg.Service, backend_name: str) -> None:
         backend = service.backend(backend_name)
@@ -248,15 +263,24 @@ class Daemon:
             log.error("%s: conntrack cleanup of %s failed: %s", service.name, backend_name, exc)
             return
         if result.found_after_first or result.left:
-            log.info("%s: conntrack cleanup of %s needed %d passes (%d left)", service.name,
-                     backend_name, result.passes, result.left)
+            log.info(
+                "%s: conntrack cleanup of %s needed %d passes (%d left)",
+                service.name,
+                backend_name,
+                result.passes,
+                result.left,
+            )
 
     async def _commit(self, rt: ServiceRuntime, decision: sel.Decision) -> bool:
         """Carry out a decision: swap, clean, tell. False when the swap failed."""
         rt.no_healthy = decision.no_healthy
         if decision.pin_dropped:
-            log.info("%s: pin on %s ended (%s)", rt.service.name,
-                     rt.pin.backend if rt.pin else "?", decision.reason)
+            log.info(
+                "%s: pin on %s ended (%s)",
+                rt.service.name,
+                rt.pin.backend if rt.pin else "?",
+                decision.reason,
+            )
         pin_changed = decision.pin != rt.pin
         rt.pin = decision.pin
         if not decision.changed:
@@ -277,8 +301,9 @@ class Daemon:
         self._switched(rt, previous, decision.reason, swapped - started, cleaned - swapped)
         return True
 
-    def _switched(self, rt: ServiceRuntime, previous: str | None, reason: str, swap: float,
-                  cleanup: float) -> None:
+    def _switched(
+        self, rt: ServiceRuntime, previous: str | None, reason: str, swap: float, cleanup: float
+    ) -> None:
         """After a swap to ``rt.active`` and the cleanup: count, log, metrics, hook."""
         assert rt.active is not None
         if previous is not None:
@@ -286,7 +311,12 @@ class Daemon:
         active = rt.service.backend(rt.active)
         log.warning(
             "%s: active backend %s -> %s (%s); swap %.1f ms, conntrack cleanup %.1f ms",
-            rt.service.name, previous or "none", rt.active, reason, swap * 1000, cleanup * 1000,
+            rt.service.name,
+            previous or "none",
+            rt.active,
+            reason,
+            swap * 1000,
+            cleanup * 1000,
         )
         names = [b.name for b in rt.service.backends]
         if self.metrics:
@@ -297,8 +327,7 @@ class Daemon:
         self._save_state()
         self._status()
         if rt.service.notify is not None and active is not None:
-            event = SwitchEvent(rt.service.name, previous, rt.active, reason,
-                                str(active.address))
+            event = SwitchEvent(rt.service.name, previous, rt.active, reason, str(active.address))
             self.hooks.submit(rt.service.notify, event)
 
     async def _decide(self, rt: ServiceRuntime) -> None:
@@ -307,12 +336,20 @@ class Daemon:
                 return  # removed by a reload meanwhile
             now = self.monotonic()
             decision = sel.select(
-                rt.candidates(), current=rt.active, now=now, drained=rt.drained, pin=rt.pin,
-                failback=rt.service.failback, preempt_delay=rt.service.preempt_delay,
+                rt.candidates(),
+                current=rt.active,
+                now=now,
+                drained=rt.drained,
+                pin=rt.pin,
+                failback=rt.service.failback,
+                preempt_delay=rt.service.preempt_delay,
             )
             if decision.no_healthy and not rt.no_healthy:
-                log.error("%s: no healthy backend; traffic stays on %s", rt.service.name,
-                          rt.active or "nothing")
+                log.error(
+                    "%s: no healthy backend; traffic stays on %s",
+                    rt.service.name,
+                    rt.active or "nothing",
+                )
             await self._commit(rt, decision)
 
     async def reconcile(self, why: str) -> None:
@@ -336,8 +373,9 @@ class Daemon:
 
     # -- probing -----------------------------------------------------------------------
 
-    def _observe(self, rt: ServiceRuntime, backend: cfg.Backend, keys: noise.Keys,
-                 result: ProbeResult) -> bool:
+    def _observe(
+        self, rt: ServiceRuntime, backend: cfg.Backend, keys: noise.Keys, result: ProbeResult
+    ) -> bool:
         """Feed one probe result to the backend's health; True when it just went down.
 
         ``backend`` and ``keys`` are what was probed: a reload while the probe
@@ -345,8 +383,12 @@ class Daemon:
         the service's keys, and then the result says nothing about it."""
         old = rt.health.get(backend.name)
         now_probed = rt.service.backend(backend.name)
-        if (old is None or now_probed is None or now_probed.address != backend.address
-                or rt.keys != keys):
+        if (
+            old is None
+            or now_probed is None
+            or now_probed.address != backend.address
+            or rt.keys != keys
+        ):
             return False
         if result.local:
             # Our own trouble (out of file descriptors, say) says nothing
@@ -355,21 +397,28 @@ class Daemon:
             return False
         probe = rt.service.probe
         new = hl.observe(
-            old, result.up, max(self.monotonic(), old.since), probe.rise, probe.fall,
-            rtt=result.rtt if result.up else None, reason="" if result.up else result.reason,
+            old,
+            result.up,
+            max(self.monotonic(), old.since),
+            probe.rise,
+            probe.fall,
+            rtt=result.rtt if result.up else None,
+            reason="" if result.up else result.reason,
         )
         rt.health[backend.name] = new
         if self.metrics:
-            self.metrics.probe(rt.service.name, backend.name, result.up, result.rtt,
-                               result.reason)
+            self.metrics.probe(rt.service.name, backend.name, result.up, result.rtt, result.reason)
             if new.state != hl.HealthState.UNKNOWN:
-                self.metrics.health(rt.service.name, backend.name,
-                                    new.state == hl.HealthState.UP)
+                self.metrics.health(rt.service.name, backend.name, new.state == hl.HealthState.UP)
         if new.state != old.state:
-            detail = (f"rtt {result.rtt_ms:.2f} ms" if result.up and result.rtt_ms is not None
-                      else result.reason)
-            log.info("%s: backend %s is %s (%s)", rt.service.name, backend.name,
-                     new.state.value, detail)
+            detail = (
+                f"rtt {result.rtt_ms:.2f} ms"
+                if result.up and result.rtt_ms is not None
+                else result.reason
+            )
+            log.info(
+                "%s: backend %s is %s (%s)", rt.service.name, backend.name, new.state.value, detail
+            )
         return new.state == hl.HealthState.DOWN and old.state != hl.HealthState.DOWN
 
     def _local_error(self, service: str, backend: str, result: ProbeResult) -> None:
@@ -378,12 +427,21 @@ class Daemon:
         key = result.detail or result.reason
         first, repeats = self._local_errors.get(key, (None, 0))
         if first is None:
-            log.error("%s: probe of %s failed on this gateway (%s); not counted against the "
-                      "backend", service, backend, key)
+            log.error(
+                "%s: probe of %s failed on this gateway (%s); not counted against the backend",
+                service,
+                backend,
+                key,
+            )
             self._local_errors[key] = (now, 0)
         elif now - first >= LOCAL_ERROR_LOG_INTERVAL:
-            log.error("local probe error (%s) repeated %d times in the last %.0f s; not counted "
-                      "against any backend", key, repeats + 1, now - first)
+            log.error(
+                "local probe error (%s) repeated %d times in the last %.0f s; not counted "
+                "against any backend",
+                key,
+                repeats + 1,
+                now - first,
+            )
             self._local_errors[key] = (now, 0)
         else:
             self._local_errors[key] = (first, repeats + 1)
@@ -394,8 +452,11 @@ class Daemon:
         results = await asyncio.gather(
             *(self.transport.probe(keys, b.address, probe.timeout) for b in backends)
         )
-        went_down = [b.name for b, result in zip(backends, results, strict=True)
-                     if self._observe(rt, b, keys, result) and b.name != rt.active]
+        went_down = [
+            b.name
+            for b, result in zip(backends, results, strict=True)
+            if self._observe(rt, b, keys, result) and b.name != rt.active
+        ]
         await self._decide(rt)
         if went_down:
             await self._forget_standbys(rt, went_down)
@@ -500,8 +561,12 @@ class Daemon:
             self._background.add(watcher)
         self.notifier.notify("READY=1")
         self._status()
-        log.info("natfail running: %d service(s), firewall %s, socket %s",
-                 len(self.services), self.config.daemon.firewall, self.config.daemon.socket)
+        log.info(
+            "natfail running: %d service(s), firewall %s, socket %s",
+            len(self.services),
+            self.config.daemon.firewall,
+            self.config.daemon.socket,
+        )
         try:
             await self._main_loop()
         finally:
@@ -526,11 +591,16 @@ class Daemon:
 
     async def _main_loop(self) -> None:
         watchdog = self.notifier.watchdog_interval
-        tick = min(watchdog / 2, 1.0, self._check_interval) if watchdog else \
-            min(1.0, self._check_interval)
+        tick = (
+            min(watchdog / 2, 1.0, self._check_interval)
+            if watchdog
+            else min(1.0, self._check_interval)
+        )
         while not self._stop.is_set():
-            waiters = [asyncio.ensure_future(e.wait()) for e in
-                       (self._stop, self._reload_requested, self._reconcile_requested)]
+            waiters = [
+                asyncio.ensure_future(e.wait())
+                for e in (self._stop, self._reload_requested, self._reconcile_requested)
+            ]
             await asyncio.wait(waiters, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
@@ -576,12 +646,19 @@ class Daemon:
         foreign = ruleset.foreign_targets(rt.service, flows.by_reply_source)
         if foreign and foreign != rt.foreign:
             shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(foreign.items()))
-            log.warning("%s: client flows to %s are NATed to %s, not by natfail: another "
-                        "DNAT rule comes before natfail's and overrides it", rt.service.name,
-                        public, shown)
+            log.warning(
+                "%s: client flows to %s are NATed to %s, not by natfail: another "
+                "DNAT rule comes before natfail's and overrides it",
+                rt.service.name,
+                public,
+                shown,
+            )
         elif rt.foreign and not foreign:
-            log.info("%s: no client flow to %s is NATed by another rule any more",
-                     rt.service.name, public)
+            log.info(
+                "%s: no client flow to %s is NATed by another rule any more",
+                rt.service.name,
+                public,
+            )
         rt.foreign = foreign
 
     async def reload(self) -> str:
@@ -600,8 +677,11 @@ class Daemon:
         if problems:
             raise cfg.ConfigError(path, "", problems[0].split(": ", 1)[-1])
         if new.daemon != self.config.daemon:
-            raise cfg.ConfigError(path, "daemon", "[daemon] settings change only with a "
-                                  "restart (systemctl restart natfail)")
+            raise cfg.ConfigError(
+                path,
+                "daemon",
+                "[daemon] settings change only with a restart (systemctl restart natfail)",
+            )
         return new, {s.name: load_keys(s) for s in new.services}
 
     async def _reload(self) -> str:
@@ -618,20 +698,25 @@ class Daemon:
             try:
                 plan = self._plan_reload(new, keys)
                 started = self.monotonic()
-                applied = await self._apply_and_unstrand(self._build(self._actives()),
-                                                         self._desired)
+                applied = await self._apply_and_unstrand(
+                    self._build(self._actives()), self._desired
+                )
             except Exception as exc:
                 self._restore(snapshot)
                 log.error("reload failed, the running config stays: %s", error_line(exc))
                 log.debug("reload failure", exc_info=True)
-                raise RequestError(f"reload failed, the running config stays: "
-                                   f"{error_line(exc)}") from None
+                raise RequestError(
+                    f"reload failed, the running config stays: {error_line(exc)}"
+                ) from None
             if not applied:
                 self._restore(snapshot)
-                log.error("reload refused, the running config stays: the firewall refused "
-                          "the new rules")
-                raise RequestError("reload refused: the firewall refused the new rules; the "
-                                   "running config stays (see the log)")
+                log.error(
+                    "reload refused, the running config stays: the firewall refused the new rules"
+                )
+                raise RequestError(
+                    "reload refused: the firewall refused the new rules; the "
+                    "running config stays (see the log)"
+                )
             swapped = self.monotonic()
             for name in plan.removed:
                 await self._stop_service(name)
@@ -645,18 +730,23 @@ class Daemon:
             for rt, previous, reason in plan.moved:
                 self._switched(rt, previous, reason, swapped - started, cleaned - swapped)
             self._save_state()
-        message = (f"reloaded {path}: {len(new.services)} service(s), {len(plan.added)} added, "
-                   f"{len(plan.removed)} removed")
+        message = (
+            f"reloaded {path}: {len(new.services)} service(s), {len(plan.added)} added, "
+            f"{len(plan.removed)} removed"
+        )
         log.info("%s", message)
         return message
 
     def _snapshot(self) -> tuple[cfg.Config, dict[str, ServiceRuntime], dict[str, Any]]:
-        kept = {name: (rt.service, rt.keys, rt.health, rt.active, rt.pin, set(rt.drained))
-                for name, rt in self.services.items()}
+        kept = {
+            name: (rt.service, rt.keys, rt.health, rt.active, rt.pin, set(rt.drained))
+            for name, rt in self.services.items()
+        }
         return self.config, dict(self.services), kept
 
-    def _restore(self, snapshot: tuple[cfg.Config, dict[str, ServiceRuntime],
-                                       dict[str, Any]]) -> None:
+    def _restore(
+        self, snapshot: tuple[cfg.Config, dict[str, ServiceRuntime], dict[str, Any]]
+    ) -> None:
         self.config, self.services, kept = snapshot[0], dict(snapshot[1]), snapshot[2]
         for name, (service, svc_keys, health, active, pin, drained) in kept.items():
             rt = self.services[name]
@@ -689,8 +779,12 @@ class Daemon:
             if rt_lost is None or rt_lost.active is not None:
                 continue  # the whole service was removed
             decision = sel.select(
-                rt_lost.candidates(), current=None, now=now, drained=rt_lost.drained,
-                pin=rt_lost.pin, failback=rt_lost.service.failback,
+                rt_lost.candidates(),
+                current=None,
+                now=now,
+                drained=rt_lost.drained,
+                pin=rt_lost.pin,
+                failback=rt_lost.service.failback,
                 preempt_delay=rt_lost.service.preempt_delay,
             )
             active = decision.active
@@ -702,8 +796,9 @@ class Daemon:
             plan.moved.append((rt_lost, backend, decision.reason))
         return plan
 
-    def _update_runtime(self, rt: ServiceRuntime, service: cfg.Service, keys: noise.Keys,
-                        now: float) -> list[tuple[cfg.Service, str]]:
+    def _update_runtime(
+        self, rt: ServiceRuntime, service: cfg.Service, keys: noise.Keys, now: float
+    ) -> list[tuple[cfg.Service, str]]:
         """Carry a service over a reload; returns backends whose flows must go.
 
         A backend renamed at the same address keeps its health and, when it
@@ -717,24 +812,38 @@ class Daemon:
             same_name = old.backend(backend.name)
             if same_name is not None:
                 return same_name
-            return next((b for b in old.backends
-                         if b.address == backend.address and b.name not in new_names), None)
+            return next(
+                (
+                    b
+                    for b in old.backends
+                    if b.address == backend.address and b.name not in new_names
+                ),
+                None,
+            )
 
         for backend in service.backends:
             before = predecessor(backend)
             same = before is not None and before.address == backend.address
             previous = rt.health.get(before.name) if before is not None else None
             health[backend.name] = (
-                previous if same and previous is not None and keys == rt.keys
+                previous
+                if same and previous is not None and keys == rt.keys
                 else hl.BackendHealth.initial(now)
             )
         if rt.active is not None:
             before_active = old.backend(rt.active)
             after = service.backend(rt.active)
             if after is None or before_active is None or after.address != before_active.address:
-                renamed = next((b for b in service.backends if before_active is not None
-                                and b.address == before_active.address
-                                and predecessor(b) is before_active), None)
+                renamed = next(
+                    (
+                        b
+                        for b in service.backends
+                        if before_active is not None
+                        and b.address == before_active.address
+                        and predecessor(b) is before_active
+                    ),
+                    None,
+                )
                 if renamed is not None:
                     rt.active = renamed.name
                 else:
@@ -750,8 +859,10 @@ class Daemon:
     # -- status and commands -----------------------------------------------------------
 
     def _status(self) -> None:
-        parts = [f"{name}: {rt.active or 'none'}" + (" (pinned)" if rt.pin else "")
-                 for name, rt in self.services.items()]
+        parts = [
+            f"{name}: {rt.active or 'none'}" + (" (pinned)" if rt.pin else "")
+            for name, rt in self.services.items()
+        ]
         self.notifier.notify("STATUS=active " + ", ".join(parts))
 
     def _since(self, monotonic_since: float) -> str:
@@ -764,24 +875,28 @@ class Daemon:
             backends = []
             for b in rt.service.backends:
                 h = rt.health[b.name]
-                backends.append({
-                    "name": b.name,
-                    "address": str(b.address),
-                    "state": sel.effective_state(h.state, b.name in rt.drained),
-                    "rtt_ms": None if h.last_rtt is None else round(h.last_rtt * 1000, 3),
-                    "since": self._since(h.since),
-                    "priority": b.priority,
-                    "reason": h.last_reason,
-                })
-            services.append({
-                "name": rt.service.name,
-                "public": str(rt.service.public),
-                "active": rt.active,
-                "pinned": rt.pin is not None,
-                "failovers": rt.failovers,
-                "backends": backends,
-                "warnings": self._warnings(rt),
-            })
+                backends.append(
+                    {
+                        "name": b.name,
+                        "address": str(b.address),
+                        "state": sel.effective_state(h.state, b.name in rt.drained),
+                        "rtt_ms": None if h.last_rtt is None else round(h.last_rtt * 1000, 3),
+                        "since": self._since(h.since),
+                        "priority": b.priority,
+                        "reason": h.last_reason,
+                    }
+                )
+            services.append(
+                {
+                    "name": rt.service.name,
+                    "public": str(rt.service.public),
+                    "active": rt.active,
+                    "pinned": rt.pin is not None,
+                    "failovers": rt.failovers,
+                    "backends": backends,
+                    "warnings": self._warnings(rt),
+                }
+            )
         return {"services": services}
 
     @staticmethod
@@ -789,8 +904,10 @@ class Daemon:
         if not rt.foreign:
             return []
         shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(rt.foreign.items()))
-        return [f"client flows to {rt.service.public} are NATed to {shown} by a rule that is "
-                "not natfail's and comes first"]
+        return [
+            f"client flows to {rt.service.public} are NATed to {shown} by a rule that is "
+            "not natfail's and comes first"
+        ]
 
     def _service_arg(self, request: dict[str, Any]) -> ServiceRuntime:
         name = request.get("service")
@@ -822,11 +939,11 @@ class Daemon:
             force = request.get("force", False)
             if not isinstance(force, bool):
                 # "false" is a non-empty string: never let it mean yes.
-                raise RequestError(f"force must be true or false, not {force!r}",
-                                   exitcodes.USAGE)
+                raise RequestError(f"force must be true or false, not {force!r}", exitcodes.USAGE)
             if state != hl.HealthState.UP and not force:
-                raise RequestError(f"{name}: backend {backend} is {state.value}; "
-                                   "use --force to switch anyway")
+                raise RequestError(
+                    f"{name}: backend {backend} is {state.value}; use --force to switch anyway"
+                )
             rt.pin = sel.Pin.new(backend, state)
             return f"{name}: switched to {backend}, pinned until it fails or release"
         if command == "drain":
@@ -853,15 +970,23 @@ class Daemon:
             pin, drained = rt.pin, set(rt.drained)
             message = self._operator_change(rt, command, request)
             decision = sel.select(
-                rt.candidates(), current=rt.active, now=self.monotonic(), drained=rt.drained,
-                pin=rt.pin, failback=rt.service.failback,
+                rt.candidates(),
+                current=rt.active,
+                now=self.monotonic(),
+                drained=rt.drained,
+                pin=rt.pin,
+                failback=rt.service.failback,
                 preempt_delay=rt.service.preempt_delay,
             )
             if not await self._commit(rt, decision):
                 # Nothing is left behind to happen later without the operator.
                 rt.pin, rt.drained = pin, drained
-                log.error("%s: %s by uid %d refused: the firewall refused the change",
-                          rt.service.name, command, peer.uid)
+                log.error(
+                    "%s: %s by uid %d refused: the firewall refused the change",
+                    rt.service.name,
+                    command,
+                    peer.uid,
+                )
                 raise RequestError(
                     f"{rt.service.name}: the firewall refused the change, nothing changed; "
                     "see the log"
@@ -870,6 +995,8 @@ class Daemon:
             unsaved = self._save_state()
             if unsaved is not None:
                 # In effect now, but an "ok" would be a lie about the restart.
-                raise RequestError(f"{message}, but the state file could not be written "
-                                   f"({unsaved}): this is lost when natfail restarts")
+                raise RequestError(
+                    f"{message}, but the state file could not be written "
+                    f"({unsaved}): this is lost when natfail restarts"
+                )
         return {"message": message, "active": rt.active}

@@ -75,7 +75,11 @@ def run() -> int:
 def _ctl(config: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "natfail.cli.ctl", "-c", str(config), *argv],
-        capture_output=True, text=True, timeout=30, check=False, env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, **ENV},
     )
 
 
@@ -91,12 +95,19 @@ def _story(lab: Lab, out: _Out) -> int:
     a, b = lab.backends[0], lab.backends[1]
     config = lab.write_config(extra_service=PROBE)
     log = lab.dir / "natfail.log"
-    out.line(f"lab {lab.id}: client -> gateway {lab.public_v4}:{lab.public_port} -> "
-             f"backend a {a.address} (priority 100), b {b.address} (priority 90)")
+    out.line(
+        f"lab {lab.id}: client -> gateway {lab.public_v4}:{lab.public_port} -> "
+        f"backend a {a.address} (priority 100), b {b.address} (priority 90)"
+    )
     out.line("probe: every 0.5 s, timeout 0.3 s, up after 1 answer, down after 2 misses")
     with open(log, "w") as sink:
-        daemon = lab.popen(lab.gateway, [sys.executable, "-m", "natfail", "-c", str(config)],
-                           stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+        daemon = lab.popen(
+            lab.gateway,
+            [sys.executable, "-m", "natfail", "-c", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
     if not wait_until(lambda: _active(config) == "a", 15):
         out.line(out.paint("31", "the daemon did not select backend a; its log:"))
         out.line(log.read_text())
@@ -108,8 +119,11 @@ def _story(lab: Lab, out: _Out) -> int:
         out.line(out.paint("31", "the client's tunnel does not carry pings"))
         return exitcodes.FAILED
     out.line(f"client pings {SERVER_TUNNEL_V4} through the tunnel every 50 ms")
-    pinger = lab.popen(lab.client, ["ping", "-n", "-D", "-i", "0.05", "-W", "1", SERVER_TUNNEL_V4],
-                       stdout=subprocess.PIPE)
+    pinger = lab.popen(
+        lab.client,
+        ["ping", "-n", "-D", "-i", "0.05", "-W", "1", SERVER_TUNNEL_V4],
+        stdout=subprocess.PIPE,
+    )
     time.sleep(1.0)
     killed = time.time()
     a.stop()
@@ -131,17 +145,24 @@ def _story(lab: Lab, out: _Out) -> int:
     swap = _SWAP.search(swapped[1])
     swap_ms, clean_ms = (float(swap.group(1)), float(swap.group(2))) if swap else (0.0, 0.0)
     out.line(f"  {(detected[0] - killed) * 1000:8.0f} ms  failure detected by the probes")
-    out.line(f"  {(swapped[0] - killed) * 1000:8.0f} ms  rules swapped to b "
-             f"(one transaction: {swap_ms:.1f} ms) and conntrack cleaned ({clean_ms:.1f} ms)")
+    out.line(
+        f"  {(swapped[0] - killed) * 1000:8.0f} ms  rules swapped to b "
+        f"(one transaction: {swap_ms:.1f} ms) and conntrack cleaned ({clean_ms:.1f} ms)"
+    )
     if recovered is None:
         out.line(out.paint("31", f"  the client's tunnel was not back within {RECOVERY_LIMIT:g} s"))
         return exitcodes.FAILED
-    out.line(out.paint("32", f"  {(recovered - killed) * 1000:8.0f} ms  client tunnel back, "
-                             "through backend b"))
+    out.line(
+        out.paint(
+            "32", f"  {(recovered - killed) * 1000:8.0f} ms  client tunnel back, through backend b"
+        )
+    )
     out.line()
-    out.line("The gap between the swap and the tunnel is WireGuard's own: backend b has no "
-             "session\nwith the client until the client's WireGuard starts a new handshake "
-             "(it does so\nafter about 5 to 15 s without answers).")
+    out.line(
+        "The gap between the swap and the tunnel is WireGuard's own: backend b has no "
+        "session\nwith the client until the client's WireGuard starts a new handshake "
+        "(it does so\nafter about 5 to 15 s without answers)."
+    )
     out.line(f"client endpoint still {lab.client_endpoint()}; removing the lab")
     return exitcodes.OK
 

@@ -1126,8 +1126,13 @@ class Lab:
         if extra_service:
             lines.append(extra_service)
         for i, b in enumerate(self.backends):
-            lines += ["", "[[service.backend]]", f'name = "{b.name}"',
-                      f'address = "{b.address}"', f"priority = {100 - 10 * i}"]
+            lines += [
+                "",
+                "[[service.backend]]",
+                f'name = "{b.name}"',
+                f'address = "{b.address}"',
+                f"priority = {100 - 10 * i}",
+            ]
         path.write_text("\n".join(lines) + "\n")
         return path
 

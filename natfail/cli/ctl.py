@@ -18,7 +18,10 @@ PROG = "natfailctl"
 def _build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Control and inspect natfail.")
     parser.add_argument(
-        "-c", "--config", type=Path, default=None,
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
         help="config file (default /etc/natfail/natfail.toml)",
     )
     parser.add_argument("--socket", type=Path, default=None, help="daemon control socket")
@@ -30,14 +33,20 @@ def _build_parser() -> ArgumentParser:
     probe = sub.add_parser("probe", help="one WireGuard handshake probe, without a daemon")
     probe.add_argument("target", metavar="HOST:PORT", help="IPv4:port or [IPv6]:port")
     probe.add_argument("--server-key", required=True, help="the server's public key (base64)")
-    probe.add_argument("--probe-key-file", type=Path, default=None,
-                       help="probe private key (default: probe.private_key_file of the config)")
-    probe.add_argument("--psk-file", type=Path, default=None,
-                       help="preshared key of the probe peer")
+    probe.add_argument(
+        "--probe-key-file",
+        type=Path,
+        default=None,
+        help="probe private key (default: probe.private_key_file of the config)",
+    )
+    probe.add_argument(
+        "--psk-file", type=Path, default=None, help="preshared key of the probe peer"
+    )
     probe.add_argument("--count", type=int, default=1, help="attempts (default 1)")
     probe.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt (default 1)")
-    probe.add_argument("--interval", type=float, default=1.0,
-                       help="seconds between attempts (default 1)")
+    probe.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between attempts (default 1)"
+    )
 
     status = sub.add_parser("status", help="services, backends, health, RTT, active backend")
     status.add_argument("--json", action="store_true", help="the JSON object of the contract")
@@ -47,16 +56,19 @@ def _build_parser() -> ArgumentParser:
     switch.add_argument("--force", action="store_true", help="even to a backend that is down")
     release = sub.add_parser("release", help="end the pin of a manual switch")
     release.add_argument("service")
-    for name, text in (("drain", "take a backend out of selection"),
-                       ("undrain", "put a drained backend back into selection")):
+    for name, text in (
+        ("drain", "take a backend out of selection"),
+        ("undrain", "put a drained backend back into selection"),
+    ):
         drain = sub.add_parser(name, help=text)
         drain.add_argument("service")
         drain.add_argument("backend")
     sub.add_parser("reload", help="re-read the config; a bad one is refused")
 
     peer = sub.add_parser("probe-peer", help="print the probe's [Peer] block for the backends")
-    peer.add_argument("--generate", action="store_true",
-                      help="create a missing probe key file (mode 0600)")
+    peer.add_argument(
+        "--generate", action="store_true", help="create a missing probe key file (mode 0600)"
+    )
     return parser
 
 

@@ -57,23 +57,31 @@ def _print_status(reply: dict[str, Any]) -> None:
         if index:
             print()
         pinned = " (pinned)" if service.get("pinned") else ""
-        print(f"service {service.get('name')}  public {service.get('public')}  "
-              f"active {service.get('active') or '-'}{pinned}  "
-              f"failovers {service.get('failovers', 0)}")
+        print(
+            f"service {service.get('name')}  public {service.get('public')}  "
+            f"active {service.get('active') or '-'}{pinned}  "
+            f"failovers {service.get('failovers', 0)}"
+        )
         for warning in service.get("warnings") or []:
             print(f"  warning: {warning}")
         rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "SINCE")]
         for backend in service.get("backends", []):
             marker = "*" if backend.get("name") == service.get("active") else " "
-            rows.append((
-                f"{marker}{backend.get('name')}", str(backend.get("address")),
-                str(backend.get("state")), _rtt(backend.get("rtt_ms")),
-                str(backend.get("since") or "-"),
-            ))
+            rows.append(
+                (
+                    f"{marker}{backend.get('name')}",
+                    str(backend.get("address")),
+                    str(backend.get("state")),
+                    _rtt(backend.get("rtt_ms")),
+                    str(backend.get("since") or "-"),
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                  .rstrip())
+            print(
+                "  "
+                + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,11 +21,16 @@ PROG = "natfail"
 def _build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="WireGuard high availability gateway.")
     parser.add_argument(
-        "-c", "--config", type=Path, default=None,
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
         help="config file (default /etc/natfail/natfail.toml)",
     )
     parser.add_argument(
-        "command", nargs="?", choices=["demo"],
+        "command",
+        nargs="?",
+        choices=["demo"],
         help="`demo` builds a lab of namespaces with real WireGuard and shows it working",
     )
     return parser

@@ -149,17 +149,27 @@ def _step(
     samples = min(health.samples + 1, LOSS_WINDOW)
     if event is Event.SUCCESS:
         counted = replace(
-            health, successes=health.successes + 1, failures=0, last_rtt=rtt,
-            history=(health.history << 1) & _WINDOW_MASK, samples=samples,
+            health,
+            successes=health.successes + 1,
+            failures=0,
+            last_rtt=rtt,
+            history=(health.history << 1) & _WINDOW_MASK,
+            samples=samples,
         )
     elif event is Event.FAILURE:
         counted = replace(
-            health, successes=0, failures=health.failures + 1, last_rtt=None, last_reason=reason,
-            history=((health.history << 1) | 1) & _WINDOW_MASK, samples=samples,
+            health,
+            successes=0,
+            failures=health.failures + 1,
+            last_rtt=None,
+            last_reason=reason,
+            history=((health.history << 1) | 1) & _WINDOW_MASK,
+            samples=samples,
         )
     else:  # RESET: the old streaks and measurements describe a different backend
-        counted = replace(health, successes=0, failures=0, last_rtt=None, last_reason="",
-                          history=0, samples=0)
+        counted = replace(
+            health, successes=0, failures=0, last_rtt=None, last_reason="", history=0, samples=0
+        )
 
     rule = TRANSITIONS[(health.state, event)]
     if rule.threshold == "rise":

@@ -545,9 +545,7 @@ def quotes_initiation(initiation: Datagram, quoted: Datagram) -> bool:
     start of ``initiation``, at least ``QUOTE_MIN`` bytes of it."""
     initiation, quoted = bytes(initiation), bytes(quoted)
     length = min(len(initiation), len(quoted))
-    return length >= QUOTE_MIN and secrets.compare_digest(
-        initiation[:length], quoted[:length]
-    )
+    return length >= QUOTE_MIN and secrets.compare_digest(initiation[:length], quoted[:length])
 
 
 # --- scapy, off the hot path --------------------------------------------------

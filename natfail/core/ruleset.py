@@ -140,8 +140,14 @@ class Dnat:
     backend_name: str
 
     def sort_key(self) -> tuple[str, str, str, int, str, str]:
-        return (str(self.public), self.inbound_interface or "", str(self.backend), self.mark,
-                self.service, self.backend_name)
+        return (
+            str(self.public),
+            self.inbound_interface or "",
+            str(self.backend),
+            self.mark,
+            self.service,
+            self.backend_name,
+        )
 
     @property
     def family(self) -> int:
@@ -203,9 +209,7 @@ def _check_unique(rs: Ruleset) -> None:
         if not is_natfail_mark(d.mark):
             raise RulesetError(f"{d.service}/{d.backend_name}: {d.mark:#x} is not a natfail mark")
         if d.public in publics:
-            raise RulesetError(
-                f"services {publics[d.public]} and {d.service} both use {d.public}"
-            )
+            raise RulesetError(f"services {publics[d.public]} and {d.service} both use {d.public}")
         publics[d.public] = d.service
     sources: dict[Endpoint, Snat] = {}
     for s in rs.snat:
@@ -247,8 +251,14 @@ def build(services: Iterable[Service], active: Mapping[str, str | None]) -> Rule
             if b is None:
                 raise RulesetError(f"service {svc.name} has no backend {chosen!r}")
             dnat.add(
-                Dnat(svc.public, svc.inbound_interface, b.address, mark_of[(svc.name, b.name)],
-                     svc.name, b.name)
+                Dnat(
+                    svc.public,
+                    svc.inbound_interface,
+                    b.address,
+                    mark_of[(svc.name, b.name)],
+                    svc.name,
+                    b.name,
+                )
             )
         for b in svc.backends:
             m = mark_of[(svc.name, b.name)]
@@ -363,31 +373,80 @@ def _skeleton() -> list[Json]:
     for name, stype in NFT_SETS.items():
         cmds.append({"add": {"set": {**_T, "name": name, "type": stype}}})
     for chain, hook, prio in ((_PRE, "prerouting", -100), (_POST, "postrouting", 100)):
-        cmds.append({"add": {"chain": {**_T, "name": chain, "type": "nat", "hook": hook,
-                                       "prio": prio, "policy": "accept"}}})
+        cmds.append(
+            {
+                "add": {
+                    "chain": {
+                        **_T,
+                        "name": chain,
+                        "type": "nat",
+                        "hook": hook,
+                        "prio": prio,
+                        "policy": "accept",
+                    }
+                }
+            }
+        )
     for fam, (proto, _) in _AF.items():
         for suffix in ("_if", ""):
             key = [_payload(proto, "daddr"), _payload("udp", "dport")]
             if suffix:
                 key.insert(0, {"meta": {"key": "iifname"}})
-            cmds.append(_rule(_PRE, f"natfail dnat{fam}{suffix}", [
-                {"mangle": {"key": {"ct": {"key": "mark"}},
-                            "value": _mapped(key, f"mark{fam}{suffix}")}},
-                {"dnat": {"family": proto, "addr": _mapped(key, f"dnat{fam}{suffix}"),
-                          "port": _mapped(key, f"dnatport{fam}{suffix}")}},
-            ]))
+            cmds.append(
+                _rule(
+                    _PRE,
+                    f"natfail dnat{fam}{suffix}",
+                    [
+                        {
+                            "mangle": {
+                                "key": {"ct": {"key": "mark"}},
+                                "value": _mapped(key, f"mark{fam}{suffix}"),
+                            }
+                        },
+                        {
+                            "dnat": {
+                                "family": proto,
+                                "addr": _mapped(key, f"dnat{fam}{suffix}"),
+                                "port": _mapped(key, f"dnatport{fam}{suffix}"),
+                            }
+                        },
+                    ],
+                )
+            )
     for fam, (proto, _) in _AF.items():
         key = [_payload(proto, "saddr"), _payload("udp", "sport")]
-        cmds.append(_rule(_POST, f"natfail snat{fam}", [
-            {"mangle": {"key": {"ct": {"key": "mark"}}, "value": _mapped(key, f"smark{fam}")}},
-            {"snat": {"family": proto, "addr": _mapped(key, f"snat{fam}"),
-                      "port": _mapped(key, f"snatport{fam}")}},
-        ]))
-    cmds.append(_rule(_POST, "natfail masquerade", [
-        {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
-        {"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": "@masq"}},
-        {"masquerade": None},
-    ]))
+        cmds.append(
+            _rule(
+                _POST,
+                f"natfail snat{fam}",
+                [
+                    {
+                        "mangle": {
+                            "key": {"ct": {"key": "mark"}},
+                            "value": _mapped(key, f"smark{fam}"),
+                        }
+                    },
+                    {
+                        "snat": {
+                            "family": proto,
+                            "addr": _mapped(key, f"snat{fam}"),
+                            "port": _mapped(key, f"snatport{fam}"),
+                        }
+                    },
+                ],
+            )
+        )
+    cmds.append(
+        _rule(
+            _POST,
+            "natfail masquerade",
+            [
+                {"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}},
+                {"match": {"op": "==", "left": {"ct": {"key": "mark"}}, "right": "@masq"}},
+                {"masquerade": None},
+            ],
+        )
+    )
     return cmds
 
 
@@ -602,25 +661,44 @@ def iptables_rules(rs: Ruleset, family: int) -> dict[str, list[IptRule]]:
         comment = ("comment", (("comment", f"natfail dnat {d.service}/{d.backend_name}"),))
         udp = ("udp", (("dport", str(d.public.port)),))
         base: tuple[int, str, str | None, str | None, str | None] = (
-            family, IPT_PRE_CHAIN, None, _host(d.public.ip), d.inbound_interface)
-        pre.append(IptRule(*base, (udp, comment),
-                           ("CONNMARK", (("set-xmark", f"{d.mark:#x}/{MARK_MASK:#x}"),))))
-        pre.append(IptRule(*base, (udp, comment),
-                           ("DNAT", (("to-destination", _ipt_ep(d.backend)),))))
+            family,
+            IPT_PRE_CHAIN,
+            None,
+            _host(d.public.ip),
+            d.inbound_interface,
+        )
+        pre.append(
+            IptRule(
+                *base, (udp, comment), ("CONNMARK", (("set-xmark", f"{d.mark:#x}/{MARK_MASK:#x}"),))
+            )
+        )
+        pre.append(
+            IptRule(*base, (udp, comment), ("DNAT", (("to-destination", _ipt_ep(d.backend)),)))
+        )
     for s in sorted((x for x in rs.snat if x.family == family), key=Snat.sort_key):
         comment = ("comment", (("comment", f"natfail snat {s.service}/{s.backend_name}"),))
         udp = ("udp", (("sport", str(s.backend.port)),))
         base = (family, IPT_POST_CHAIN, _host(s.backend.ip), None, None)
-        post.append(IptRule(*base, (udp, comment),
-                            ("CONNMARK", (("set-xmark", f"{s.mark:#x}/{MARK_MASK:#x}"),))))
-        post.append(IptRule(*base, (udp, comment),
-                            ("SNAT", (("to-source", _ipt_ep(s.public)),))))
+        post.append(
+            IptRule(
+                *base, (udp, comment), ("CONNMARK", (("set-xmark", f"{s.mark:#x}/{MARK_MASK:#x}"),))
+            )
+        )
+        post.append(IptRule(*base, (udp, comment), ("SNAT", (("to-source", _ipt_ep(s.public)),))))
     for m in sorted(rs.masquerade):
-        post.append(IptRule(
-            family, IPT_POST_CHAIN, None, None, None,
-            (("conntrack", (("ctstate", "DNAT"),)),
-             ("connmark", (("mark", f"{m.mark:#x}"),)),
-             ("comment", (("comment", f"natfail masquerade {m.service}/{m.backend_name}"),))),
-            ("MASQUERADE", ()),
-        ))
+        post.append(
+            IptRule(
+                family,
+                IPT_POST_CHAIN,
+                None,
+                None,
+                None,
+                (
+                    ("conntrack", (("ctstate", "DNAT"),)),
+                    ("connmark", (("mark", f"{m.mark:#x}"),)),
+                    ("comment", (("comment", f"natfail masquerade {m.service}/{m.backend_name}"),)),
+                ),
+                ("MASQUERADE", ()),
+            )
+        )
     return {IPT_PRE_CHAIN: pre, IPT_POST_CHAIN: post}

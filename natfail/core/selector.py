@@ -253,8 +253,13 @@ def select(
     if active.state is HealthState.DOWN:  # rule 7
         if best is None:
             return stay_without_up()
-        better = [c for c in up if c.loss < LOSSY or c.loss <= active.loss - LOSS_MARGIN
-                  or active.failures >= DEAD_STREAK]
+        better = [
+            c
+            for c in up
+            if c.loss < LOSSY
+            or c.loss <= active.loss - LOSS_MARGIN
+            or active.failures >= DEAD_STREAK
+        ]
         if not better:
             return Decision(current, "no-better", current, pin_dropped=pin_dropped)
         return Decision(better[0].name, "failover", current, pin_dropped=pin_dropped)

@@ -229,14 +229,18 @@ class NetlinkConntrack:
         from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
         if address.family != 4:
-            raise ConntrackMisuse(f"refusing a kernel-side filter on {address}: Linux "
-                                  "matches IPv6 addresses in it the wrong way round")
+            raise ConntrackMisuse(
+                f"refusing a kernel-side filter on {address}: Linux "
+                "matches IPv6 addresses in it the wrong way round"
+            )
         tup = _source_filter(address)
         tup.attrs()  # computes tup.flags
         if tup.flags & _SOURCE_FLAGS != _SOURCE_FLAGS:
             # a filter without them matches the whole family: the delete would flush it
-            raise ConntrackMisuse(f"refusing a conntrack filter on {address}: flags "
-                                  f"{tup.flags:#x} lack address, port or protocol")
+            raise ConntrackMisuse(
+                f"refusing a conntrack filter on {address}: flags "
+                f"{tup.flags:#x} lack address, port or protocol"
+            )
         flags_attr = "CTA_FILTER_ORIG_FLAGS" if direction == "orig" else "CTA_FILTER_REPLY_FLAGS"
         msg = nfct_msg.create_from(
             **{f"tuple_{direction}": tup},
@@ -268,7 +272,9 @@ class NetlinkConntrack:
         self.requests += 1
         try:
             self._socks[family].request(
-                msg, IPCTNL_MSG_CT_DELETE, msg_flags=NLM_F_REQUEST | NLM_F_ACK,
+                msg,
+                IPCTNL_MSG_CT_DELETE,
+                msg_flags=NLM_F_REQUEST | NLM_F_ACK,
                 terminate=terminate_error_msg,
             )
         except NetlinkError as e:
@@ -285,8 +291,14 @@ class NetlinkConntrack:
         o = flow.orig
         if None in (o.saddr, o.daddr, o.sport, o.dport) or o.proto != IPPROTO_UDP:
             return  # never happens for a UDP entry; an incomplete tuple is not sent
-        tup = NFCTAttrTuple(family=o.family, saddr=o.saddr, daddr=o.daddr, proto=o.proto,
-                            sport=o.sport, dport=o.dport)
+        tup = NFCTAttrTuple(
+            family=o.family,
+            saddr=o.saddr,
+            daddr=o.daddr,
+            proto=o.proto,
+            sport=o.sport,
+            dport=o.dport,
+        )
         msg = nfct_msg.create_from(tuple_orig=tup, id=flow.ct_id, zone=flow.zone)
         self._request_delete(msg, 4 if o.family == socket.AF_INET else 6, what)
 
@@ -302,8 +314,11 @@ class NetlinkConntrack:
 
     def _dump_source(self, address: Endpoint, direction: str) -> list[_Flow]:
         """The UDP entries whose ``direction`` tuple has source ``address`` (one dump)."""
-        flows = self._dump(address.family, f"the {direction} source {address}",
-                           **{f"tuple_{direction}": _source_filter(address)})
+        flows = self._dump(
+            address.family,
+            f"the {direction} source {address}",
+            **{f"tuple_{direction}": _source_filter(address)},
+        )
         # the kernel filtered by address (IPv4 only), port and protocol; check all again
         return [f for f in flows if _is_source(getattr(f, direction), address)]
 
@@ -329,8 +344,12 @@ class NetlinkConntrack:
 
         check_public(public)
         fam = socket.AF_INET if public.family == 4 else socket.AF_INET6
-        tup = NFCTAttrTuple(family=fam, proto=IPPROTO_UDP, dport=public.port,
-                            daddr=str(public.ip) if public.family == 4 else None)
+        tup = NFCTAttrTuple(
+            family=fam,
+            proto=IPPROTO_UDP,
+            dport=public.port,
+            daddr=str(public.ip) if public.family == 4 else None,
+        )
         flows = self._dump(public.family, f"the flows to {public}", tuple_orig=tup)
         pairs: list[tuple[Endpoint, Endpoint]] = []
         for f in flows:
@@ -409,8 +428,12 @@ def _source_filter(address: Endpoint) -> Any:
     from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
     fam = socket.AF_INET if address.family == 4 else socket.AF_INET6
-    return NFCTAttrTuple(family=fam, proto=IPPROTO_UDP, sport=address.port,
-                         saddr=str(address.ip) if address.family == 4 else None)
+    return NFCTAttrTuple(
+        family=fam,
+        proto=IPPROTO_UDP,
+        sport=address.port,
+        saddr=str(address.ip) if address.family == 4 else None,
+    )
 
 
 def _is_source(tup: Any, address: Endpoint) -> bool:

@@ -177,8 +177,9 @@ class ControlServer:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ControlError(f"cannot create {self.path.parent}: "
-                               f"{exc.strerror or error_line(exc)}") from None
+            raise ControlError(
+                f"cannot create {self.path.parent}: {exc.strerror or error_line(exc)}"
+            ) from None
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -192,8 +193,9 @@ class ControlServer:
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
-            raise ControlError(f"cannot listen on {self.path}: "
-                               f"{exc.strerror or error_line(exc)}") from None
+            raise ControlError(
+                f"cannot listen on {self.path}: {exc.strerror or error_line(exc)}"
+            ) from None
         self._listener = sock
         self._resume()
 
@@ -280,8 +282,11 @@ class ControlServer:
         # A reply fits in the empty send buffer of a new connection, so this
         # never blocks; the client reads it before it sees the close.
         with contextlib.suppress(OSError):
-            conn.send(_encode(error_reply("too many connections to the control socket; "
-                                          "try again later", 1)))
+            conn.send(
+                _encode(
+                    error_reply("too many connections to the control socket; try again later", 1)
+                )
+            )
         conn.close()
         self._repeats.report(
             "control: refused connections over the limit",
@@ -318,8 +323,11 @@ class ControlServer:
         except (OSError, asyncio.TimeoutError):
             pass
         except Exception as exc:  # a bug in a handler must not stop the daemon
-            self._repeats.report(f"control: request failed: {type(exc).__name__}: "
-                                 f"{error_line(exc)}", level=logging.ERROR, exc_info=exc)
+            self._repeats.report(
+                f"control: request failed: {type(exc).__name__}: {error_line(exc)}",
+                level=logging.ERROR,
+                exc_info=exc,
+            )
         finally:
             self._release(peer)
             if writer is None:
@@ -332,9 +340,10 @@ class ControlServer:
     def _bad(self, peer: Peer, message: str) -> dict[str, Any]:
         """The reply to a malformed request, logged at most once a minute per
         kind (a flood of them must not flood the journal)."""
-        self._repeats.report(f"control: bad request: {message}",
-                             f"control: bad request from uid {peer.uid} (pid {peer.pid}): "
-                             f"{message}")
+        self._repeats.report(
+            f"control: bad request: {message}",
+            f"control: bad request from uid {peer.uid} (pid {peer.pid}): {message}",
+        )
         return error_reply(message, exitcodes.USAGE)
 
     async def _one_request(self, reader: asyncio.StreamReader, peer: Peer) -> dict[str, Any]:
@@ -363,7 +372,8 @@ class ControlServer:
         if not peer.may(command, socket_gid):
             self._repeats.report(
                 f"control: refused {command[:64]!r} (not authorized)",
-                f"control: refused {command[:64]!r} from uid {peer.uid} (pid {peer.pid})")
+                f"control: refused {command[:64]!r} from uid {peer.uid} (pid {peer.pid})",
+            )
             if peer.in_group(socket_gid):
                 return error_reply(f"{command}: permission denied (only root may do this)", 1)
             return error_reply("permission denied: not root and not in the socket's group", 1)

@@ -120,8 +120,14 @@ class _OutputReader:
 
 
 class SubprocessHookRunner:
-    def __init__(self, timeout: float = HOOK_TIMEOUT, *, max_pending: int = MAX_PENDING,
-                 keep_output: int = KEEP_OUTPUT, grace: float = OUTPUT_GRACE) -> None:
+    def __init__(
+        self,
+        timeout: float = HOOK_TIMEOUT,
+        *,
+        max_pending: int = MAX_PENDING,
+        keep_output: int = KEEP_OUTPUT,
+        grace: float = OUTPUT_GRACE,
+    ) -> None:
         self._timeout = timeout
         self._max_pending = max(1, max_pending)
         self._keep = keep_output
@@ -142,8 +148,9 @@ class SubprocessHookRunner:
 
     def _submit(self, executable: Path, event: SwitchEvent) -> None:
         if self._closed:
-            log.warning("notify hook %s for %s not run: the daemon is stopping", executable,
-                        event.service)
+            log.warning(
+                "notify hook %s for %s not run: the daemon is stopping", executable, event.service
+            )
             return
         try:
             loop = asyncio.get_running_loop()
@@ -174,8 +181,11 @@ class SubprocessHookRunner:
 
     def _report_overflow(self) -> None:
         if self._overflowed:
-            log.warning("notify hooks: queue full (%d pending), dropped the %d oldest hook runs",
-                        self._max_pending, self._overflowed)
+            log.warning(
+                "notify hooks: queue full (%d pending), dropped the %d oldest hook runs",
+                self._max_pending,
+                self._overflowed,
+            )
             self._overflowed = 0
 
     async def idle(self) -> None:
@@ -188,8 +198,9 @@ class SubprocessHookRunner:
         self._closed = True
         self._report_overflow()
         if self._queue:
-            log.warning("notify hooks: daemon stopping, dropped %d queued hook runs",
-                        len(self._queue))
+            log.warning(
+                "notify hooks: daemon stopping, dropped %d queued hook runs", len(self._queue)
+            )
             self._queue.clear()
         worker = self._worker
         if worker is None or worker.done():
@@ -207,20 +218,34 @@ class SubprocessHookRunner:
         """Runs one hook now. True when it exited 0 in time; every failure is logged."""
         outcome = await self.execute(executable, event)
         if outcome.error is not None:
-            log.error("notify hook %s for %s could not start: %s", executable, event.service,
-                      outcome.error)
+            log.error(
+                "notify hook %s for %s could not start: %s",
+                executable,
+                event.service,
+                outcome.error,
+            )
             return False
         text = outcome.output.decode(errors="replace").strip().replace("\n", " | ")
-        text = text[:self._keep]  # the separators must not let the line outgrow the cap
+        text = text[: self._keep]  # the separators must not let the line outgrow the cap
         if outcome.discarded:
             text += f" ... ({outcome.discarded} more bytes not kept)"
         if outcome.killed:
-            log.error("notify hook %s for %s killed after %g s%s", executable, event.service,
-                      self._timeout, f": {text}" if text else "")
+            log.error(
+                "notify hook %s for %s killed after %g s%s",
+                executable,
+                event.service,
+                self._timeout,
+                f": {text}" if text else "",
+            )
             return False
         if outcome.returncode != 0:
-            log.error("notify hook %s for %s exited %s%s", executable, event.service,
-                      outcome.returncode, f": {text}" if text else "")
+            log.error(
+                "notify hook %s for %s exited %s%s",
+                executable,
+                event.service,
+                outcome.returncode,
+                f": {text}" if text else "",
+            )
             return False
         if text:
             log.info("notify hook %s for %s: %s", executable, event.service, text)

@@ -57,8 +57,9 @@ def _ensure_directory(directory: Path) -> None:
         # group must be able to reach the socket inside.
         os.chmod(directory, DIRECTORY_MODE)
     except OSError as exc:
-        raise LockError(f"cannot create the runtime directory {directory}: "
-                        f"{exc.strerror or error_line(exc)}") from None
+        raise LockError(
+            f"cannot create the runtime directory {directory}: {exc.strerror or error_line(exc)}"
+        ) from None
 
 
 def _read_pid(fd: int) -> int | None:
@@ -106,16 +107,19 @@ class InstanceLock:
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
-            raise LockError(f"cannot open the lock file {path}: "
-                            f"{exc.strerror or error_line(exc)}") from None
+            raise LockError(
+                f"cannot open the lock file {path}: {exc.strerror or error_line(exc)}"
+            ) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise LockError(f"the lock file {path} is not a regular file")
             if info.st_uid != os.geteuid():
                 # Whoever owns it could hold it forever and keep natfail from starting.
-                raise LockError(f"the lock file {path} is owned by uid {info.st_uid}, "
-                                f"not by natfail's uid {os.geteuid()}")
+                raise LockError(
+                    f"the lock file {path} is owned by uid {info.st_uid}, "
+                    f"not by natfail's uid {os.geteuid()}"
+                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

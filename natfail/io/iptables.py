@@ -147,17 +147,25 @@ class _IptFamily:
             dnat = {
                 Dnat(
                     Endpoint(ipaddress.ip_interface(d["dst"]).ip, int(d["udp"]["dport"])),
-                    d["iif"] or None, _parse_endpoint(d["to"]), d["mark"],
-                    d["service"], d["backend_name"],
+                    d["iif"] or None,
+                    _parse_endpoint(d["to"]),
+                    d["mark"],
+                    d["service"],
+                    d["backend_name"],
                 )
-                for d in pre.values() if "to" in d and "mark" in d
+                for d in pre.values()
+                if "to" in d and "mark" in d
             }
             snat = {
                 Snat(
                     Endpoint(ipaddress.ip_interface(d["src"]).ip, int(d["udp"]["sport"])),
-                    _parse_endpoint(d["to"]), d["mark"], d["service"], d["backend_name"],
+                    _parse_endpoint(d["to"]),
+                    d["mark"],
+                    d["service"],
+                    d["backend_name"],
                 )
-                for d in post.values() if "to" in d and "mark" in d
+                for d in post.values()
+                if "to" in d and "mark" in d
             }
             found = Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
         except (KeyError, ValueError, RulesetError):
@@ -228,8 +236,9 @@ class _IptFamily:
                 table.commit()
                 table.refresh()
             except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as e:
-                raise DataplaneError(f"iptables (IPv{fam}) commit failed: {error_line(e)}") \
-                    from None
+                raise DataplaneError(
+                    f"iptables (IPv{fam}) commit failed: {error_line(e)}"
+                ) from None
 
     def remove_all(self) -> None:
         iptc = self._iptc
@@ -315,8 +324,13 @@ class _Impl(Protocol):
     def __call__(self, family: int) -> object: ...
 
 
-def _serve(family: int, conn: Connection, parent_pid: int,
-           inherited: list[Connection], factory: _Impl = _IptFamily) -> None:
+def _serve(
+    family: int,
+    conn: Connection,
+    parent_pid: int,
+    inherited: list[Connection],
+    factory: _Impl = _IptFamily,
+) -> None:
     """The helper's main loop: one request, one reply, until the daemon goes away.
 
     Returns (exit status 0, nothing printed) when the channel ends in any way: EOF when
@@ -345,8 +359,10 @@ def _serve(family: int, conn: Connection, parent_pid: int,
             try:
                 reply = ("ok", getattr(impl, name)(*args))
             except Exception as e:
-                reply = ("err", e if isinstance(e, DataplaneError)
-                         else DataplaneError(error_line(e)))
+                reply = (
+                    "err",
+                    e if isinstance(e, DataplaneError) else DataplaneError(error_line(e)),
+                )
         try:
             conn.send(reply)
         except OSError:
@@ -400,7 +416,8 @@ class _FamilyProcess:
             proc = ctx.Process(
                 target=_serve,
                 args=(self.family, theirs, os.getpid(), [*_PARENT_ENDS, ours], self._factory),
-                daemon=True, name=f"natfail-iptables-v{self.family}",
+                daemon=True,
+                name=f"natfail-iptables-v{self.family}",
             )
             proc.start()
         except BaseException:
@@ -434,8 +451,7 @@ class _FamilyProcess:
     def _respawn(self) -> None:
         if self._proc is not None:
             pid = self._proc.pid
-            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) died: " \
-                f"{self._discard()}"
+            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) died: {self._discard()}"
         if self._lost is None:
             self._lost = f"iptables helper for IPv{self.family} was not running"
         last: BaseException | None = None
@@ -451,8 +467,7 @@ class _FamilyProcess:
             self._lost = None
             return
         raise DataplaneError(
-            f"{self._lost}; cannot start a new one: "
-            f"{error_line(last) if last else 'unknown error'}"
+            f"{self._lost}; cannot start a new one: {error_line(last) if last else 'unknown error'}"
         )
 
     def _exchange(self, name: str, args: tuple[Any, ...]) -> Any:
@@ -469,8 +484,10 @@ class _FamilyProcess:
             # request, so this helper cannot be trusted any more
             pid = self.pid
             self._discard(kill=True)
-            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) was stopped " \
+            self._lost = (
+                f"iptables helper for IPv{self.family} (pid {pid}) was stopped "
                 "after an interrupted request"
+            )
             raise
         if status == "err":
             raise value
@@ -487,8 +504,9 @@ class _FamilyProcess:
             return self._exchange(name, args)
         except _HelperGone:
             pid = self.pid
-            self._lost = f"iptables helper for IPv{self.family} (pid {pid}) died at once: " \
-                f"{self._discard()}"
+            self._lost = (
+                f"iptables helper for IPv{self.family} (pid {pid}) died at once: {self._discard()}"
+            )
             raise DataplaneError(self._lost) from None
 
     def close(self) -> None:

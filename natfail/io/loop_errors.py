@@ -42,9 +42,14 @@ class RepeatLog:
     (report must then be called from the loop's thread); without one, the
     owner calls `flush` now and then."""
 
-    def __init__(self, logger: logging.Logger, *, interval: float = INTERVAL,
-                 clock: Callable[[], float] = time.monotonic,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self._log = logger
         self.interval = interval
         self._clock = clock
@@ -53,8 +58,14 @@ class RepeatLog:
         self._levels: dict[str, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def report(self, key: str, message: str | None = None, *, level: int = logging.WARNING,
-               exc_info: BaseException | None = None) -> None:
+    def report(
+        self,
+        key: str,
+        message: str | None = None,
+        *,
+        level: int = logging.WARNING,
+        exc_info: BaseException | None = None,
+    ) -> None:
         """`key` names the kind (and starts the count line); `message`, the
         first occurrence's own line, defaults to the key."""
         key = key[:MAX_KEY]
@@ -93,8 +104,14 @@ class RepeatLog:
 
     def _write_count(self, key: str, kind: _Kind, now: float) -> None:
         times = "time" if kind.suppressed == 1 else "times"
-        self._log.log(self._levels[key], "%s (repeated %d %s in %.0f s)",
-                      key, kind.suppressed, times, now - kind.logged_at)
+        self._log.log(
+            self._levels[key],
+            "%s (repeated %d %s in %.0f s)",
+            key,
+            kind.suppressed,
+            times,
+            now - kind.logged_at,
+        )
         kind.suppressed = 0
         kind.logged_at = now
 
@@ -123,8 +140,9 @@ def _describe(context: dict[str, Any]) -> tuple[str, BaseException | None]:
     return line, None if isinstance(exc, OSError) else exc
 
 
-def install(loop: asyncio.AbstractEventLoop, *,
-            clock: Callable[[], float] = time.monotonic) -> None:
+def install(
+    loop: asyncio.AbstractEventLoop, *, clock: Callable[[], float] = time.monotonic
+) -> None:
     """Route the loop's unhandled errors through a `RepeatLog`: each kind is
     logged once (with its traceback unless it is an OSError), then counted."""
     repeats = RepeatLog(log, clock=clock, loop=loop)

@@ -67,10 +67,13 @@ def _header(head: bytes, name: bytes) -> str:
     return ""
 
 
-def _response(status: str, body: bytes, content_type: str, *, head_only: bool = False,
-              extra: str = "") -> bytes:
-    top = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-           f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n")
+def _response(
+    status: str, body: bytes, content_type: str, *, head_only: bool = False, extra: str = ""
+) -> bytes:
+    top = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
+    )
     return top.encode("latin-1") + (b"" if head_only else body)
 
 
@@ -127,8 +130,11 @@ class _Listener:
             try:
                 self._step()
             except Exception as exc:  # the listener must outlive any one bad moment
-                self._repeats.report(f"metrics: listener error: {type(exc).__name__}: "
-                                     f"{error_line(exc)}", level=logging.ERROR, exc_info=exc)
+                self._repeats.report(
+                    f"metrics: listener error: {type(exc).__name__}: {error_line(exc)}",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                )
                 time.sleep(0.1)
 
     def _step(self) -> None:
@@ -153,8 +159,7 @@ class _Listener:
         if self._resume_at is not None and now >= self._resume_at:
             self._resume_at = None
             self._listen(True)
-        if not self._listening and self._resume_at is None and \
-                len(self._conns) < MAX_CONNECTIONS:
+        if not self._listening and self._resume_at is None and len(self._conns) < MAX_CONNECTIONS:
             self._listen(True)
         self._repeats.flush()
 
@@ -213,8 +218,9 @@ class _Listener:
         end = conn.head.find(b"\r\n\r\n")
         if end < 0:
             if len(conn.head) > MAX_REQUEST_HEAD:
-                self._reply(conn, _plain("431 Request Header Fields Too Large",
-                                         "request too large"))
+                self._reply(
+                    conn, _plain("431 Request Header Fields Too Large", "request too large")
+                )
             return
         self._reply(conn, self._answer(bytes(conn.head[:end])))
 
@@ -233,8 +239,7 @@ class _Listener:
         if "gzip" in _header(head, b"accept-encoding").lower():
             body = gzip.compress(body, compresslevel=5)
             extra = "Content-Encoding: gzip\r\n"
-        return _response("200 OK", body, content_type, head_only=method == b"HEAD",
-                         extra=extra)
+        return _response("200 OK", body, content_type, head_only=method == b"HEAD", extra=extra)
 
     def _reply(self, conn: _Conn, payload: bytes) -> None:
         conn.out = memoryview(payload)
@@ -257,8 +262,7 @@ class _Listener:
 
 def _bind(host: str, port: int) -> socket.socket:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise MetricsError(f"metrics_listen {host}:{port}: {error_line(exc)}") from None
     last: OSError | None = None
@@ -282,27 +286,38 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.backend_up = Gauge(
-            "natfail_backend_up", "1 when the backend answers WireGuard handshakes",
-            ["service", "backend"], registry=self.registry,
+            "natfail_backend_up",
+            "1 when the backend answers WireGuard handshakes",
+            ["service", "backend"],
+            registry=self.registry,
         )
         self.probe_rtt = Gauge(
-            "natfail_probe_rtt_seconds", "Round-trip time of the last answered probe",
-            ["service", "backend"], registry=self.registry,
+            "natfail_probe_rtt_seconds",
+            "Round-trip time of the last answered probe",
+            ["service", "backend"],
+            registry=self.registry,
         )
         self.probe_failures = Counter(
-            "natfail_probe_failures", "Failed probes by reason",
-            ["service", "backend", "reason"], registry=self.registry,
+            "natfail_probe_failures",
+            "Failed probes by reason",
+            ["service", "backend", "reason"],
+            registry=self.registry,
         )
         self.failovers = Counter(
-            "natfail_failovers", "Changes of the active backend",
-            ["service", "reason"], registry=self.registry,
+            "natfail_failovers",
+            "Changes of the active backend",
+            ["service", "reason"],
+            registry=self.registry,
         )
         self.active = Gauge(
-            "natfail_active_backend", "1 for the backend that receives the service's traffic",
-            ["service", "backend"], registry=self.registry,
+            "natfail_active_backend",
+            "1 for the backend that receives the service's traffic",
+            ["service", "backend"],
+            registry=self.registry,
         )
         self.repairs = Counter(
-            "natfail_ruleset_repairs", "Times natfail's rules were found altered and put back",
+            "natfail_ruleset_repairs",
+            "Times natfail's rules were found altered and put back",
             registry=self.registry,
         )
         self._listener: _Listener | None = None
@@ -311,8 +326,11 @@ class Metrics:
         """Listen on host:port (port 0: any); raises MetricsError."""
         sock = _bind(host, port)
         self._listener = _Listener(sock, self.registry)
-        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]",
-                 sock.getsockname()[1])
+        log.info(
+            "metrics on http://%s:%d/metrics",
+            host if ":" not in host else f"[{host}]",
+            sock.getsockname()[1],
+        )
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -345,7 +363,11 @@ class Metrics:
     def forget(self, service: str) -> None:
         """Drop a removed service's series, so a reload leaves no ghosts."""
         metrics: tuple[Gauge | Counter, ...] = (
-            self.backend_up, self.probe_rtt, self.active, self.probe_failures, self.failovers
+            self.backend_up,
+            self.probe_rtt,
+            self.active,
+            self.probe_failures,
+            self.failovers,
         )
         for metric in metrics:
             # prometheus_client has no public way to list a metric's label sets.

@@ -20,14 +20,19 @@ async def watch(changed: Callable[[], None]) -> None:
     while True:
         try:
             proc = await asyncio.create_subprocess_exec(
-                nft, "monitor", "ruleset",
+                nft,
+                "monitor",
+                "ruleset",
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
             )
         except OSError as exc:
-            log.warning("cannot run %s monitor (%s); the periodic check alone finds changes",
-                        nft, exc.strerror)
+            log.warning(
+                "cannot run %s monitor (%s); the periodic check alone finds changes",
+                nft,
+                exc.strerror,
+            )
             return
         assert proc.stdout is not None
         try:

@@ -59,15 +59,23 @@ COOKIE_ONLY = "cookie-only"
 LOCAL_ERROR = "local-error"
 """The gateway's own trouble (ProbeResult.local): says nothing of the backend."""
 
-LOCAL_ERRNOS = frozenset({
-    errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ENOSPC,
-    # EACCES/EPERM on socket, bind or send: a local firewall or policy. A
-    # pending ICMP error (ICMPv6 "administratively prohibited" is EACCES)
-    # is told apart by the error queue before this set is consulted.
-    errno.EACCES, errno.EPERM,
-    # A full send buffer, or no ephemeral port left to bind.
-    errno.EAGAIN, errno.EADDRINUSE,
-})
+LOCAL_ERRNOS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.ENOSPC,
+        # EACCES/EPERM on socket, bind or send: a local firewall or policy. A
+        # pending ICMP error (ICMPv6 "administratively prohibited" is EACCES)
+        # is told apart by the error queue before this set is consulted.
+        errno.EACCES,
+        errno.EPERM,
+        # A full send buffer, or no ephemeral port left to bind.
+        errno.EAGAIN,
+        errno.EADDRINUSE,
+    }
+)
 
 # Linux <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>; Python 3.11's socket
 # module lacks the first two.
@@ -113,8 +121,14 @@ def _classify_errno(number: int | None) -> str:
     """The reason for an error that is the network's or the backend's."""
     if number in (errno.ECONNREFUSED, errno.ENOPROTOOPT):
         return UNREACHABLE
-    if number in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
-                  errno.EHOSTDOWN, errno.ENONET, errno.EACCES):
+    if number in (
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EADDRNOTAVAIL,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EACCES,
+    ):
         return NO_ROUTE
     return SEND_ERROR
 
@@ -123,10 +137,12 @@ def _failure(exc: OSError, sent_at: float | None = None, invalid: int = 0) -> Pr
     """The result of a socket call that failed before anything decided."""
     detail = exc.strerror or str(exc)
     if exc.errno in LOCAL_ERRNOS:
-        return ProbeResult(False, LOCAL_ERROR, invalid_replies=invalid, detail=detail,
-                           sent_at=sent_at, local=True)
-    return ProbeResult(False, _classify_errno(exc.errno), invalid_replies=invalid,
-                       detail=detail, sent_at=sent_at)
+        return ProbeResult(
+            False, LOCAL_ERROR, invalid_replies=invalid, detail=detail, sent_at=sent_at, local=True
+        )
+    return ProbeResult(
+        False, _classify_errno(exc.errno), invalid_replies=invalid, detail=detail, sent_at=sent_at
+    )
 
 
 def _icmp_errno(ancillary: list[tuple[int, int, bytes]]) -> int | None:
@@ -187,8 +203,7 @@ class _Exchange:
         seen = 0
         for _ in range(_READ_BATCH):
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(_BUFSIZE, _ANCILLARY,
-                                                          socket.MSG_ERRQUEUE)
+                data, ancillary, _, _ = self.sock.recvmsg(_BUFSIZE, _ANCILLARY, socket.MSG_ERRQUEUE)
             except OSError:  # BlockingIOError: the queue is empty
                 break
             number = _icmp_errno(ancillary)
@@ -290,8 +305,12 @@ class UdpProbeTransport:
         return held
 
     def _send(
-        self, exchange: _Exchange, keys: noise.Keys, target: Endpoint,
-        cookie: noise.Cookie | None, slot: float,
+        self,
+        exchange: _Exchange,
+        keys: noise.Keys,
+        target: Endpoint,
+        cookie: noise.Cookie | None,
+        slot: float,
     ) -> OSError | None:
         """Send one initiation now; the error if it could not leave."""
         # No await from here to the send: this initiation's timestamp must
@@ -353,7 +372,11 @@ class UdpProbeTransport:
             sock.close()
 
     async def _run(
-        self, exchange: _Exchange, keys: noise.Keys, target: Endpoint, timeout: float,
+        self,
+        exchange: _Exchange,
+        keys: noise.Keys,
+        target: Endpoint,
+        timeout: float,
         cookie: noise.Cookie | None,
     ) -> ProbeResult:
         slot = await self._wait_for_slot(target, None)
@@ -390,13 +413,23 @@ class UdpProbeTransport:
             reason = UNDER_LOAD if exchange.cookies else UP
             return ProbeResult(True, reason, at - answered_at, invalid, sent_at=sent_at)
         if exchange.icmp is not None:
-            return ProbeResult(False, _classify_errno(exchange.icmp), invalid_replies=invalid,
-                               detail=os.strerror(exchange.icmp), sent_at=sent_at)
+            return ProbeResult(
+                False,
+                _classify_errno(exchange.icmp),
+                invalid_replies=invalid,
+                detail=os.strerror(exchange.icmp),
+                sent_at=sent_at,
+            )
         if late_error is not None:
             return _failure(late_error, sent_at, invalid)
         if exchange.cookies:
-            return ProbeResult(False, COOKIE_ONLY, invalid_replies=invalid,
-                               detail="only cookie replies, no handshake response",
-                               sent_at=sent_at)
-        return ProbeResult(False, INVALID if invalid else TIMEOUT, invalid_replies=invalid,
-                           sent_at=sent_at)
+            return ProbeResult(
+                False,
+                COOKIE_ONLY,
+                invalid_replies=invalid,
+                detail="only cookie replies, no handshake response",
+                sent_at=sent_at,
+            )
+        return ProbeResult(
+            False, INVALID if invalid else TIMEOUT, invalid_replies=invalid, sent_at=sent_at
+        )

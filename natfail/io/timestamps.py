@@ -79,19 +79,26 @@ class TimestampClock:
             log.info(
                 "no probe timestamp in %s: probes start from the wall clock; a backend that"
                 " saw a newer stamp from this probe key ignores them (every probe 'timeout')"
-                " until the clock passes that stamp", path,
+                " until the clock passes that stamp",
+                path,
             )
             return None
         except OSError as exc:
-            log.warning("cannot read probe timestamp %s: %s; starting from the wall clock",
-                        path, exc.strerror)
+            log.warning(
+                "cannot read probe timestamp %s: %s; starting from the wall clock",
+                path,
+                exc.strerror,
+            )
             return None
         # An invalid stamp can never have been sent, so starting from the
         # clock cannot send one older than a stamp a backend has seen.
         problem = tai64n.problem(data)
         if problem is not None:
-            log.warning("ignoring invalid probe timestamp in %s (%s); starting from the wall"
-                        " clock", path, problem)
+            log.warning(
+                "ignoring invalid probe timestamp in %s (%s); starting from the wall clock",
+                path,
+                problem,
+            )
             return None
         ahead = tai64n.seconds_ahead(data, self._wall())
         if ahead > FAR_AHEAD:
@@ -100,7 +107,8 @@ class TimestampClock:
             log.warning(
                 "probe timestamp in %s is %s ahead of the wall clock; probes keep counting"
                 " from it (delete the file only if no backend ever saw it)",
-                path, _describe(ahead),
+                path,
+                _describe(ahead),
             )
         return data
 
@@ -114,8 +122,9 @@ class TimestampClock:
         except ValueError:
             # Only a last stamp with no successor (twelve 0xFF bytes, which
             # _load refuses) gets here; no stamp is newer, so start over.
-            log.warning("probe timestamp %r has no successor; starting from the wall clock",
-                        self._last)
+            log.warning(
+                "probe timestamp %r has no successor; starting from the wall clock", self._last
+            )
             stamp = tai64n.next_timestamp(self._wall(), None)
         self._last = stamp
         if self._path is not None:
@@ -128,12 +137,14 @@ class TimestampClock:
             except OSError as exc:
                 # Once, not on every probe: a full disk would flood the log.
                 if not self._save_failures:
-                    log.warning("cannot save probe timestamp to %s: %s", self._path,
-                                exc.strerror)
+                    log.warning("cannot save probe timestamp to %s: %s", self._path, exc.strerror)
                 self._save_failures += 1
             else:
                 if self._save_failures:
-                    log.info("probe timestamp saved to %s again, after %d failed saves",
-                             self._path, self._save_failures)
+                    log.info(
+                        "probe timestamp saved to %s again, after %d failed saves",
+                        self._path,
+                        self._save_failures,
+                    )
                     self._save_failures = 0
         return stamp

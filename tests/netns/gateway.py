@@ -24,8 +24,15 @@ KINDS = ("nftables", "iptables")
 class Gateway:
     """The daemon process and natfailctl, for one test."""
 
-    def __init__(self, lab: Lab, firewall: str, *, prefix: Sequence[str] = (),
-                 extra_service: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        firewall: str,
+        *,
+        prefix: Sequence[str] = (),
+        extra_service: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         """``prefix`` goes before the daemon's argv (setpriv, a wrapper: how
         it is run); ``extra_service`` adds to the service's table; ``env``
         adds to the daemon's environment."""
@@ -33,8 +40,10 @@ class Gateway:
         self.firewall = firewall
         self.prefix = list(prefix)
         self.env = {**ENV, **(env or {})}
-        extra = (f"[service.probe]\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n"
-                 f"rise = {RISE}\nfall = {FALL}")
+        extra = (
+            f"[service.probe]\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n"
+            f"rise = {RISE}\nfall = {FALL}"
+        )
         if extra_service:
             extra = extra_service + "\n" + extra
         self.config = lab.write_config(firewall=firewall, extra_service=extra)
@@ -46,7 +55,9 @@ class Gateway:
         self.proc = self.lab.popen(
             self.lab.gateway,
             [*self.prefix, sys.executable, "-m", "natfail", "-c", str(self.config)],
-            stdout=out, stderr=subprocess.STDOUT, env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         out.close()
         assert wait_until(lambda: self.ctl("status").returncode == 0, 10), self.logs()
@@ -63,7 +74,10 @@ class Gateway:
     def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "natfail.cli.ctl", "-c", str(self.config), *argv],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
             env={**os.environ, **ENV},
         )
 
@@ -80,8 +94,7 @@ class Gateway:
         return wait_until(lambda: self.status()["active"] == name, timeout, 0.05)
 
     def conntrack(self) -> str:
-        return self.lab.exec(self.lab.gateway, ["conntrack", "-L", "-p", "udp"],
-                             check=False).stdout
+        return self.lab.exec(self.lab.gateway, ["conntrack", "-L", "-p", "udp"], check=False).stdout
 
     def remove_rules(self) -> None:
         gw = self.lab.gateway

@@ -56,15 +56,16 @@ def record() -> None:
         ihl = (packet[0] & 0x0F) * 4
         if packet[9] != socket.IPPROTO_UDP:
             continue
-        payload = packet[ihl + 8:]
+        payload = packet[ihl + 8 :]
         if payload.startswith(MAGIC) and len(payload) >= len(MAGIC) + 8:
-            seqs.append(struct.unpack("!Q", payload[len(MAGIC):len(MAGIC) + 8])[0])
+            seqs.append(struct.unpack("!Q", payload[len(MAGIC) : len(MAGIC) + 8])[0])
     print("\n".join(map(str, seqs)), flush=True)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "send":
-        send(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]),
-             float(sys.argv[6]))
+        send(
+            sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+        )
     else:
         record()

@@ -71,6 +71,7 @@ def requests() -> int:
 
 def async_calls(public: Endpoint) -> tuple[PublicFlows, int, PublicFlows]:
     """The daemon's path: the wrappers of ConntrackWorker, from an event loop."""
+
     async def run() -> tuple[PublicFlows, int, PublicFlows]:
         worker = ConntrackWorker(NetlinkConntrack)
         try:
@@ -121,8 +122,9 @@ s.close()
 
 def send_udp(lab: Lab, family: int, port: int, *sports: int) -> None:
     dst = PUBLIC_V4 if family == 4 else PUBLIC_V6
-    lab.exec(lab.client, ["python3", "-c", UDP_SENDER, str(family), dst, str(port),
-                          *map(str, sports)])
+    lab.exec(
+        lab.client, ["python3", "-c", UDP_SENDER, str(family), dst, str(port), *map(str, sports)]
+    )
 
 
 # --- reading the table with the conntrack tool ------------------------------------------
@@ -161,9 +163,11 @@ def entries(lab: Lab, family: int) -> list[Entry]:
 def udp_to(lab: Lab, family: int, port: int) -> dict[int, Entry]:
     """The client's UDP entries to public:``port``, by client source port."""
     public = PUBLIC_V4 if family == 4 else PUBLIC_V6
-    return {int(e.orig["sport"]): e for e in entries(lab, family)
-            if e.proto == "udp" and e.orig.get("dst") == public
-            and e.orig.get("dport") == str(port)}
+    return {
+        int(e.orig["sport"]): e
+        for e in entries(lab, family)
+        if e.proto == "udp" and e.orig.get("dst") == public and e.orig.get("dport") == str(port)
+    }
 
 
 def reply_sources(lab: Lab, family: int) -> dict[int, str]:
@@ -173,9 +177,13 @@ def reply_sources(lab: Lab, family: int) -> dict[int, str]:
 def others(lab: Lab, family: int) -> list[str]:
     """The entries that are not UDP to public:PORT (they must all survive), sorted."""
     public = PUBLIC_V4 if family == 4 else PUBLIC_V6
-    return sorted(repr(e) for e in entries(lab, family)
-                  if not (e.proto == "udp" and e.orig.get("dst") == public
-                          and e.orig.get("dport") == str(PORT)))
+    return sorted(
+        repr(e)
+        for e in entries(lab, family)
+        if not (
+            e.proto == "udp" and e.orig.get("dst") == public and e.orig.get("dport") == str(PORT)
+        )
+    )
 
 
 # --- fixtures ----------------------------------------------------------------------------
@@ -186,9 +194,12 @@ def _nat_tables(lab: Lab) -> str:
     chain = "type nat hook prerouting priority dstnat; policy accept;"
     script = []
     for fam in ("ip", "ip6"):
-        script += [f"table {fam} {TABLE} {{}}", f"delete table {fam} {TABLE}",
-                   f"table {fam} {TABLE} {{\n chain pre {{\n  {chain}\n"
-                   f"  udp sport {MARKED_SPORT} ct mark set {mark:#x}\n }}\n}}"]
+        script += [
+            f"table {fam} {TABLE} {{}}",
+            f"delete table {fam} {TABLE}",
+            f"table {fam} {TABLE} {{\n chain pre {{\n  {chain}\n"
+            f"  udp sport {MARKED_SPORT} ct mark set {mark:#x}\n }}\n}}",
+        ]
     return "\n".join(script) + "\n"
 
 
@@ -207,11 +218,19 @@ def _add_dnat(lab: Lab) -> None:
 @pytest.fixture(scope="module")
 def worker(lab: Lab) -> Iterator[NsWorker]:
     # every entry of a test must outlive it, however slow the machine
-    lab.exec(lab.gateway, ["sysctl", "-q", "-w", "net.netfilter.nf_conntrack_udp_timeout=600",
-                           "net.netfilter.nf_conntrack_icmp_timeout=600",
-                           "net.netfilter.nf_conntrack_icmpv6_timeout=600",
-                           "net.netfilter.nf_conntrack_tcp_timeout_close_wait=600",
-                           "net.netfilter.nf_conntrack_tcp_timeout_time_wait=600"])
+    lab.exec(
+        lab.gateway,
+        [
+            "sysctl",
+            "-q",
+            "-w",
+            "net.netfilter.nf_conntrack_udp_timeout=600",
+            "net.netfilter.nf_conntrack_icmp_timeout=600",
+            "net.netfilter.nf_conntrack_icmpv6_timeout=600",
+            "net.netfilter.nf_conntrack_tcp_timeout_close_wait=600",
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=600",
+        ],
+    )
     with NsWorker(lab.gateway.ns) as w:
         yield w
 
@@ -223,16 +242,16 @@ def flows(lab: Lab, worker: NsWorker) -> Iterator[Lab]:
     lab.flush_conntrack()
     try:
         for family, public in ((4, PUBLIC_V4), (6, PUBLIC_V6)):
-            send_udp(lab, family, PORT, *UNNATED_SPORTS)              # (a)
-            send_udp(lab, family, OTHER_PORT, OTHER_SPORT)            # (c)
+            send_udp(lab, family, PORT, *UNNATED_SPORTS)  # (a)
+            send_udp(lab, family, OTHER_PORT, OTHER_SPORT)  # (c)
             worker.call(listen_tcp, family, public, PORT)
             lab.exec(lab.client, ["python3", "-c", TCP_CONNECT, str(family), public, str(PORT)])
             lab.exec(lab.client, ["ping", "-n", "-q", "-c", "1", "-w", "5", public])
-        send_udp(lab, 4, PORT, MARKED_SPORT)                          # (a), marked
+        send_udp(lab, 4, PORT, MARKED_SPORT)  # (a), marked
         _add_dnat(lab)
         for family in (4, 6):
-            send_udp(lab, family, PORT, *NATED_SPORTS)                # (b)
-            send_udp(lab, family, PORT, UNNATED_SPORTS[0])            # a retry of (a)
+            send_udp(lab, family, PORT, *NATED_SPORTS)  # (b)
+            send_udp(lab, family, PORT, UNNATED_SPORTS[0])  # a retry of (a)
         yield lab
     finally:
         worker.call(close_listeners)
@@ -252,10 +271,14 @@ def test_remove_unnated_removes_exactly_the_flows_no_dnat_rewrote(
     assert a.v6 is not None
     unnated4 = {*UNNATED_SPORTS, MARKED_SPORT}
     # the scene: the retry kept its entry un-NATed although the DNAT is in place
-    assert reply_sources(lab, 4) == {**{p: PUBLIC_V4 for p in unnated4},
-                                     **{p: a.v4 for p in NATED_SPORTS}}
-    assert reply_sources(lab, 6) == {**{p: PUBLIC_V6 for p in UNNATED_SPORTS},
-                                     **{p: a.v6 for p in NATED_SPORTS}}
+    assert reply_sources(lab, 4) == {
+        **{p: PUBLIC_V4 for p in unnated4},
+        **{p: a.v4 for p in NATED_SPORTS},
+    }
+    assert reply_sources(lab, 6) == {
+        **{p: PUBLIC_V6 for p in UNNATED_SPORTS},
+        **{p: a.v6 for p in NATED_SPORTS},
+    }
     assert udp_to(lab, 4, PORT)[MARKED_SPORT].mark == ruleset.backend_mark("wg0", "a")
     others4, others6 = others(lab, 4), others(lab, 6)
     for got, icmp in ((others4, "icmp"), (others6, "icmpv6")):
@@ -266,8 +289,10 @@ def test_remove_unnated_removes_exactly_the_flows_no_dnat_rewrote(
     assert worker.call(requests) - before == 1
     assert reply_sources(lab, 4) == {p: a.v4 for p in NATED_SPORTS}
     assert others(lab, 4) == others4
-    assert reply_sources(lab, 6) == {**{p: PUBLIC_V6 for p in UNNATED_SPORTS},
-                                     **{p: a.v6 for p in NATED_SPORTS}}  # the other family
+    assert reply_sources(lab, 6) == {
+        **{p: PUBLIC_V6 for p in UNNATED_SPORTS},
+        **{p: a.v6 for p in NATED_SPORTS},
+    }  # the other family
 
     # IPv6: one dump and one exact delete per entry (see natfail.io.conntrack)
     assert worker.call(remove_unnated, PUBLIC6) == 1 + len(UNNATED_SPORTS)
@@ -292,11 +317,9 @@ def test_public_flows_counts_by_reply_source(flows: Lab, worker: NsWorker) -> No
     backend4 = Endpoint(ipaddress.ip_address(a.v4), PORT)
     backend6 = Endpoint(ipaddress.ip_address(a.v6), PORT)
     before = worker.call(requests)
-    assert worker.call(public_flows, PUBLIC4) == PublicFlows(
-        6, 4, {PUBLIC4: 4, backend4: 2})
+    assert worker.call(public_flows, PUBLIC4) == PublicFlows(6, 4, {PUBLIC4: 4, backend4: 2})
     assert worker.call(requests) - before == 1  # one filtered dump
-    assert worker.call(public_flows, PUBLIC6) == PublicFlows(
-        5, 3, {PUBLIC6: 3, backend6: 2})
+    assert worker.call(public_flows, PUBLIC6) == PublicFlows(5, 3, {PUBLIC6: 3, backend6: 2})
     other = Endpoint(ipaddress.ip_address(PUBLIC_V4), OTHER_PORT)
     assert worker.call(public_flows, other) == PublicFlows(1, 1, {other: 1})
     nobody = Endpoint(ipaddress.ip_address(PUBLIC_V4), PORT + 7)
@@ -308,10 +331,15 @@ def test_foreign_dnat_shows_in_public_flows(flows: Lab, worker: NsWorker) -> Non
     address: the reply sources say so."""
     lab = flows
     b = lab.backends[1]
-    lab.exec(lab.gateway, ["nft", "-f", "-"], input=(
-        f"table ip {TABLE}foreign {{\n chain pre {{\n"
-        f"  type nat hook prerouting priority dstnat - 10; policy accept;\n"
-        f"  ip daddr {PUBLIC_V4} udp dport {PORT} dnat to {b.v4}:{PORT + 100}\n }}\n}}\n"))
+    lab.exec(
+        lab.gateway,
+        ["nft", "-f", "-"],
+        input=(
+            f"table ip {TABLE}foreign {{\n chain pre {{\n"
+            f"  type nat hook prerouting priority dstnat - 10; policy accept;\n"
+            f"  ip daddr {PUBLIC_V4} udp dport {PORT} dnat to {b.v4}:{PORT + 100}\n }}\n}}\n"
+        ),
+    )
     try:
         send_udp(lab, 4, PORT, 41201, 41202, 41203)
         got = worker.call(public_flows, PUBLIC4)
@@ -321,10 +349,11 @@ def test_foreign_dnat_shows_in_public_flows(flows: Lab, worker: NsWorker) -> Non
         # a foreign DNAT's flows are NATed: remove_unnated leaves them alone
         worker.call(remove_unnated, PUBLIC4)
         assert worker.call(public_flows, PUBLIC4).by_reply_source == {
-            foreign: 3, Endpoint(ipaddress.ip_address(lab.backends[0].v4), PORT): 2}
+            foreign: 3,
+            Endpoint(ipaddress.ip_address(lab.backends[0].v4), PORT): 2,
+        }
     finally:
-        lab.exec(lab.gateway, ["nft", "delete", "table", "ip", f"{TABLE}foreign"],
-                 check=False)
+        lab.exec(lab.gateway, ["nft", "delete", "table", "ip", f"{TABLE}foreign"], check=False)
 
 
 def test_async_wrappers(flows: Lab, worker: NsWorker) -> None:
@@ -373,7 +402,8 @@ def test_backend_cleanup_takes_that_backends_flows_only(
     assert worker.call(count_backend, mark_a, addr_a) >= len(NATED_SPORTS)
     result = worker.call(remove_backend, mark_a, addr_a)
     assert result.left == 0
-    assert reply_sources(lab, family) == {p: public for p in scene
-                                          if scene[p] == public and p != MARKED_SPORT}
+    assert reply_sources(lab, family) == {
+        p: public for p in scene if scene[p] == public and p != MARKED_SPORT
+    }
     assert others(lab, family) == rest
     assert (reply_sources(lab, 10 - family), others(lab, 10 - family)) == other_family

@@ -97,8 +97,9 @@ def test_a_standby_that_owns_a_client_flow_lets_it_go_when_it_dies(gw: Gateway) 
     assert wait_until(lambda: gw.backend_state("b") == "down", 5), gw.logs()
     assert gw.status()["active"] == "a"
     # the client keeps sending and, with b's flow gone, finds a by itself
-    assert wait_until(lambda: lab.client_ping(count=1, interval=0.2, timeout=1), 30, 0.1), \
+    assert wait_until(lambda: lab.client_ping(count=1, interval=0.2, timeout=1), 30, 0.1), (
         gw.conntrack()
+    )
     before = lab.transfers()
     assert lab.client_ping(count=2, interval=0.1, timeout=3)
     assert lab.carrying_backends(before) == ["a"]
@@ -146,8 +147,11 @@ def test_bad_reload_is_refused_and_the_old_config_stays(gw: Gateway) -> None:
     assert wait_until(lambda: "reload refused" in gw.logs(), 5)
     assert gw.status()["active"] == "a"
     # a good reload that removes the active backend moves traffic
-    gw.config.write_text(good.replace('name = "a"\naddress = "10.0.0.2:51820"',
-                                      'name = "c"\naddress = "10.0.0.2:51820"'))
+    gw.config.write_text(
+        good.replace(
+            'name = "a"\naddress = "10.0.0.2:51820"', 'name = "c"\naddress = "10.0.0.2:51820"'
+        )
+    )
     proc = gw.ctl("reload")
     assert proc.returncode == 0, proc.stderr
     assert gw.wait_active("b", 5) or gw.wait_active("c", 5), gw.logs()
@@ -158,8 +162,11 @@ def test_sigkill_and_restart_keep_traffic_and_conntrack(gw: Gateway) -> None:
     assert _tunnel(lab)
     flows_before = [line for line in gw.conntrack().splitlines() if "10.0.0.2" in line]
     assert flows_before
-    pinger = lab.popen(lab.client, ["ping", "-n", "-q", "-i", "0.05", "-c", "60", "10.99.0.1"],
-                       stdout=subprocess.PIPE)
+    pinger = lab.popen(
+        lab.client,
+        ["ping", "-n", "-q", "-i", "0.05", "-c", "60", "10.99.0.1"],
+        stdout=subprocess.PIPE,
+    )
     time.sleep(0.5)
     gw.stop(signal.SIGKILL)
     time.sleep(0.5)
@@ -184,7 +191,7 @@ def test_flush_ruleset_is_repaired(gw: Gateway) -> None:
 
 def test_junk_on_the_control_socket(gw: Gateway) -> None:
     path = gw.lab.dir / "natfail.sock"
-    for junk in (b"\x00\xff garbage\n", b"{\"command\": [1]}\n", b"x" * 100_000, b"\n"):
+    for junk in (b"\x00\xff garbage\n", b'{"command": [1]}\n', b"x" * 100_000, b"\n"):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(10)
             sock.connect(str(path))

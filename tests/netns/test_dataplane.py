@@ -55,8 +55,9 @@ def swap(kind: str, desired: Ruleset, old: Backend | None, service: str) -> Any:
     return _ct().remove_backend(ruleset.backend_mark(service, old.name), old.address)
 
 
-def swap_loop(kind: str, states: list[Ruleset], olds: list[Backend], service: str,
-              count: int, pause: float) -> int:
+def swap_loop(
+    kind: str, states: list[Ruleset], olds: list[Backend], service: str, count: int, pause: float
+) -> int:
     for i in range(count):
         swap(kind, states[i % 2], olds[i % 2], service)
         time.sleep(pause)
@@ -70,24 +71,39 @@ def ct_count(mark: int, address: Endpoint) -> int:
 # --- fixtures --------------------------------------------------------------------------
 
 
-def _service(name: str, public: str, backends: list[tuple[str, str]],
-             source_nat: str = "preserve", iif: str | None = None) -> Service:
+def _service(
+    name: str,
+    public: str,
+    backends: list[tuple[str, str]],
+    source_nat: str = "preserve",
+    iif: str | None = None,
+) -> Service:
     return Service(
-        name=name, public=Endpoint.parse(public), inbound_interface=iif,
-        server_public_key=b"\0" * 32, preshared_key_file=None, failback="sticky",
-        preempt_delay=30.0, source_nat=source_nat,  # type: ignore[arg-type]
-        notify=None, probe=ProbeSettings(),
-        backends=tuple(Backend(n, Endpoint.parse(a), 100 - 10 * i)
-                       for i, (n, a) in enumerate(backends)),
+        name=name,
+        public=Endpoint.parse(public),
+        inbound_interface=iif,
+        server_public_key=b"\0" * 32,
+        preshared_key_file=None,
+        failback="sticky",
+        preempt_delay=30.0,
+        source_nat=source_nat,  # type: ignore[arg-type]
+        notify=None,
+        probe=ProbeSettings(),
+        backends=tuple(
+            Backend(n, Endpoint.parse(a), 100 - 10 * i) for i, (n, a) in enumerate(backends)
+        ),
     )
 
 
 @pytest.fixture(scope="module")
 def services(lab: Lab) -> list[Service]:
     v4 = _service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends])
-    v6 = _service("wg6", f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
-                  [(b.name, b.address_v6 or "") for b in lab.backends],
-                  iif=lab.gateway.wan_if)
+    v6 = _service(
+        "wg6",
+        f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
+        [(b.name, b.address_v6 or "") for b in lab.backends],
+        iif=lab.gateway.wan_if,
+    )
     return [v4, v6]
 
 
@@ -120,8 +136,9 @@ def _conntrack_list(lab: Lab) -> str:
 # --- tests -----------------------------------------------------------------------------
 
 
-def test_read_back_and_remove_all(lab: Lab, worker: NsWorker, kind: str,
-                                  services: list[Service]) -> None:
+def test_read_back_and_remove_all(
+    lab: Lab, worker: NsWorker, kind: str, services: list[Service]
+) -> None:
     assert worker.call(dp_call, kind, "read") == Ruleset()
     a = _state(services, "a", "a")
     worker.call(dp_call, kind, "apply", a)
@@ -168,13 +185,13 @@ table ip usertable {
 """
 
 
-def test_user_rules_untouched(lab: Lab, worker: NsWorker, kind: str,
-                              services: list[Service]) -> None:
+def test_user_rules_untouched(
+    lab: Lab, worker: NsWorker, kind: str, services: list[Service]
+) -> None:
     lab.exec(lab.gateway, ["nft", "-f", "-"], input=USER_NFT)
     ipt = ["iptables-legacy", "-t", "nat"]
     lab.exec(lab.gateway, [*ipt, "-N", "USERCHAIN"])
-    lab.exec(lab.gateway, [*ipt, "-A", "USERCHAIN", "-p", "tcp", "--dport", "9998", "-j",
-                           "RETURN"])
+    lab.exec(lab.gateway, [*ipt, "-A", "USERCHAIN", "-p", "tcp", "--dport", "9998", "-j", "RETURN"])
     lab.exec(lab.gateway, [*ipt, "-A", "PREROUTING", "-j", "USERCHAIN"])
     try:
         nft_before = _gw(lab, "nft", "list", "table", "ip", "usertable")
@@ -234,8 +251,11 @@ def test_swaps_under_a_packet_stream_lose_nothing(
 ) -> None:
     lab = fresh
     for b in lab.backends:
-        lab.exec(b, ["nft", "-f", "-"], input=f"table inet natfailtest {{}}\n"
-                 f"delete table inet natfailtest\n{COUNTER}")
+        lab.exec(
+            b,
+            ["nft", "-f", "-"],
+            input=f"table inet natfailtest {{}}\ndelete table inet natfailtest\n{COUNTER}",
+        )
     a, b = lab.backends[0], lab.backends[1]
     state_a = _state(services, a.name, a.name)
     state_b = _state(services, b.name, b.name)
@@ -243,8 +263,12 @@ def test_swaps_under_a_packet_stream_lose_nothing(
     olds = [svc.backend(a.name), svc.backend(b.name)]  # old backend when going to b, to a
     worker.call(dp_call, kind, "apply", state_a)
     packets, rate = 4000, 2000.0
-    sender = lab.popen(lab.client, ["python3", "-c", SENDER, str(packets), str(rate), "20000",
-                                    PUBLIC_V4, str(PUBLIC_PORT)], stdout=-1, stderr=-1)
+    sender = lab.popen(
+        lab.client,
+        ["python3", "-c", SENDER, str(packets), str(rate), "20000", PUBLIC_V4, str(PUBLIC_PORT)],
+        stdout=-1,
+        stderr=-1,
+    )
     swaps = 60 if kind == "nftables" else 30
     worker.call(swap_loop, kind, [state_b, state_a], olds, "wg0", swaps, 0.02)
     out, err = sender.communicate(timeout=30)
@@ -288,8 +312,12 @@ def test_backend_started_traffic_leaves_from_the_public_endpoint(
     worker.call(dp_call, kind, "apply", _state(services, a.name, a.name))
     assert lab.client_ping(SERVER_TUNNEL_V4, count=2, interval=0.2)
     lab.flush_conntrack()  # every entry "expired": the next packet comes from the backend
-    cp = lab.exec(a, ["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-w", "5",
-                      "10.99.0.2"], check=False, timeout=10)
+    cp = lab.exec(
+        a,
+        ["ping", "-n", "-q", "-c", "2", "-i", "0.2", "-w", "5", "10.99.0.2"],
+        check=False,
+        timeout=10,
+    )
     assert " 0% packet loss" in cp.stdout, cp.stdout
     assert lab.client_endpoint() == f"{PUBLIC_V4}:{PUBLIC_PORT}"
     listing = _conntrack_list(lab)

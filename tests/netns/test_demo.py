@@ -10,7 +10,10 @@ import sys
 def test_demo_runs_and_fails_over() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "natfail", "demo"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "client tunnel back, through backend b" in proc.stdout, proc.stdout

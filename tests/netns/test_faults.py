@@ -61,16 +61,17 @@ def stale_flows(gw: Gateway) -> list[str]:
     active = gw.status()["active"]
     others = [b.v4 for b in gw.lab.backends if b.name != active]
     public = gw.lab.public_v4
-    return [line for line in gw.conntrack().splitlines()
-            if public in line and any(f"src={ip} " in line or f"dst={ip} " in line
-                                      for ip in others)]
+    return [
+        line
+        for line in gw.conntrack().splitlines()
+        if public in line and any(f"src={ip} " in line or f"dst={ip} " in line for ip in others)
+    ]
 
 
 def tunnel_ends_up_working(gw: Gateway) -> None:
     lab = gw.lab
     lab.client_rehandshake()
-    assert wait_until(lambda: lab.client_ping(count=2, interval=0.1, timeout=2), 20, 0.1), \
-        gw.logs()
+    assert wait_until(lambda: lab.client_ping(count=2, interval=0.1, timeout=2), 20, 0.1), gw.logs()
     active = gw.status()["active"]
     before = lab.transfers()
     assert lab.client_ping(count=2, interval=0.1, timeout=3)
@@ -83,14 +84,17 @@ def dnat_targets(gw: Gateway) -> list[str]:
     map, or one iptables rule, per target)."""
     by_ip = {b.v4: b.name for b in gw.lab.backends}
     if gw.firewall == "iptables":
-        rules = gw.lab.exec(gw.lab.gateway, ["iptables-legacy", "-t", "nat", "-S",
-                                             "NATFAIL-PRE"]).stdout
+        rules = gw.lab.exec(
+            gw.lab.gateway, ["iptables-legacy", "-t", "nat", "-S", "NATFAIL-PRE"]
+        ).stdout
         targets = re.findall(r"--to-destination (\S+):\d+", rules)
         return [by_ip.get(ip, ip) for ip in targets]
-    out = gw.lab.exec(gw.lab.gateway, ["nft", "-j", "list", "map", "inet", "natfail",
-                                       "dnat4"]).stdout
-    elements = next(item["map"] for item in json.loads(out)["nftables"]
-                    if "map" in item).get("elem", [])
+    out = gw.lab.exec(
+        gw.lab.gateway, ["nft", "-j", "list", "map", "inet", "natfail", "dnat4"]
+    ).stdout
+    elements = next(item["map"] for item in json.loads(out)["nftables"] if "map" in item).get(
+        "elem", []
+    )
     return [by_ip.get(str(target), str(target)) for _key, target in elements]
 
 
@@ -168,9 +172,14 @@ def test_cut_path_to_the_active_fails_over(gw: Gateway) -> None:
     a = lab.backend("a")
     if not lab.client_ping(count=1, timeout=3):
         tunnel_ends_up_working(gw)
-    lab.exec(a, ["nft", "-f", "-"], input=(
-        "table ip cut {\n chain in {\n  type filter hook input priority -300; policy accept;\n"
-        "  udp dport 51820 drop\n }\n}\n"))
+    lab.exec(
+        a,
+        ["nft", "-f", "-"],
+        input=(
+            "table ip cut {\n chain in {\n  type filter hook input priority -300; policy accept;\n"
+            "  udp dport 51820 drop\n }\n}\n"
+        ),
+    )
     try:
         assert gw.wait_active("b", 10), gw.logs()
         assert a.running  # its process lives; only the path is gone
@@ -191,8 +200,10 @@ def test_sigkill_in_the_middle_of_a_switch_converges(gw: Gateway) -> None:
         # before, during or after the swap and the conntrack cleanup
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(sock))
-            s.sendall(json.dumps({"command": "switch", "service": "wg0",
-                                  "backend": target}).encode() + b"\n")
+            s.sendall(
+                json.dumps({"command": "switch", "service": "wg0", "backend": target}).encode()
+                + b"\n"
+            )
             time.sleep(0.002 * attempt)
             gw.stop(signal.SIGKILL)
         gw.start()
@@ -250,8 +261,10 @@ def test_hundreds_of_switches_under_a_stream(gw: Gateway) -> None:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(str(sock))
-            s.sendall(json.dumps({"command": "switch", "service": "wg0",
-                                  "backend": target}).encode() + b"\n")
+            s.sendall(
+                json.dumps({"command": "switch", "service": "wg0", "backend": target}).encode()
+                + b"\n"
+            )
             reply = json.loads(s.makefile().readline())
             assert reply["ok"], reply
 
@@ -259,14 +272,27 @@ def test_hundreds_of_switches_under_a_stream(gw: Gateway) -> None:
         switch(target)
     assert gw.proc is not None
     rss_before = _rss_kib(gw.proc.pid)
-    recorders = {b.name: lab.popen(b, [sys.executable, str(STREAM), "record"],
-                                   stdout=subprocess.PIPE) for b in lab.backends}
+    recorders = {
+        b.name: lab.popen(b, [sys.executable, str(STREAM), "record"], stdout=subprocess.PIPE)
+        for b in lab.backends
+    }
     for proc in recorders.values():
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     switches = 200
-    sender = lab.popen(lab.client, [sys.executable, str(STREAM), "send", lab.public_v4,
-                                    str(lab.public_port), "40999", "0.002", "12"],
-                       stdout=subprocess.PIPE)
+    sender = lab.popen(
+        lab.client,
+        [
+            sys.executable,
+            str(STREAM),
+            "send",
+            lab.public_v4,
+            str(lab.public_port),
+            "40999",
+            "0.002",
+            "12",
+        ],
+        stdout=subprocess.PIPE,
+    )
     time.sleep(0.5)
     windows: list[tuple[float, float, str]] = []  # (requested, done, new active)
     for i in range(switches):
@@ -295,8 +321,12 @@ def test_hundreds_of_switches_under_a_stream(gw: Gateway) -> None:
             ok = {target} if t > done else {previous, target} | ok
         return ok
 
-    wrong = [(name, seq) for name, seqs in received.items() for seq in seqs
-             if seq in sent and name not in allowed(sent[seq])]
+    wrong = [
+        (name, seq)
+        for name, seqs in received.items()
+        for seq in seqs
+        if seq in sent and name not in allowed(sent[seq])
+    ]
     assert not wrong, f"{len(wrong)} datagrams reached a non-active backend: {wrong[:10]}"
     delivered = sum(len(v) for v in received.values())
     assert delivered >= 0.95 * len(sent), (delivered, len(sent))

@@ -33,6 +33,7 @@ CAP_BITS = {"net_admin": 12, "net_raw": 13}
 CONFINEMENTS = [(kind, CAPS) for kind in KINDS] + [("nftables", "net_admin")]
 MDWE = Path(__file__).with_name("mdwe_exec.py")
 
+
 def _reachable_python() -> list[str]:
     """A prefix that lets the unprivileged user reach this interpreter. When
     it lives under /root (pyenv), which is 0700, a private mount namespace
@@ -43,9 +44,11 @@ def _reachable_python() -> list[str]:
     if real.parts[:2] != ("/", "root") or len(real.parts) < 4:
         return []
     tree = f"/root/{real.parts[2]}"
-    script = ('set -e; s=$(mktemp -d); mount --bind /root "$s"; '
-              "mount -t tmpfs -o mode=0755 natfail-test /root; "
-              f'mkdir {tree}; mount --bind "$s/{real.parts[2]}" {tree}; exec "$@"')
+    script = (
+        'set -e; s=$(mktemp -d); mount --bind /root "$s"; '
+        "mount -t tmpfs -o mode=0755 natfail-test /root; "
+        f'mkdir {tree}; mount --bind "$s/{real.parts[2]}" {tree}; exec "$@"'
+    )
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
 
 
@@ -53,17 +56,28 @@ def _prefix(caps: str) -> list[str]:
     plus = "+" + caps.replace(",", ",+")
     return [
         *_reachable_python(),
-        "setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups",
-        f"--inh-caps=-all,{plus}", f"--ambient-caps=-all,{plus}",
+        "setpriv",
+        f"--reuid={UID}",
+        f"--regid={GID}",
+        "--clear-groups",
+        f"--inh-caps=-all,{plus}",
+        f"--ambient-caps=-all,{plus}",
         f"--bounding-set=-all,{plus}",
-        "--no-new-privs", "--",
-        sys.executable, str(MDWE),
+        "--no-new-privs",
+        "--",
+        sys.executable,
+        str(MDWE),
     ]
 
 
 def _mdwe_works() -> bool:
-    probe = [sys.executable, str(MDWE), sys.executable, "-c",
-             "import mmap; mmap.mmap(-1, 4096, prot=7)"]
+    probe = [
+        sys.executable,
+        str(MDWE),
+        sys.executable,
+        "-c",
+        "import mmap; mmap.mmap(-1, 4096, prot=7)",
+    ]
     proc = subprocess.run(probe, capture_output=True, text=True, check=False)
     return proc.returncode != 0 and "PermissionError" in proc.stderr
 

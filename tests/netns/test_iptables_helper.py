@@ -51,24 +51,36 @@ def logged() -> list[str]:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _service(name: str, public: str, backends: list[tuple[str, str]],
-             iif: str | None = None) -> Service:
+def _service(
+    name: str, public: str, backends: list[tuple[str, str]], iif: str | None = None
+) -> Service:
     return Service(
-        name=name, public=Endpoint.parse(public), inbound_interface=iif,
-        server_public_key=b"\0" * 32, preshared_key_file=None, failback="sticky",
-        preempt_delay=30.0, source_nat="preserve", notify=None, probe=ProbeSettings(),
-        backends=tuple(Backend(n, Endpoint.parse(a), 100 - 10 * i)
-                       for i, (n, a) in enumerate(backends)),
+        name=name,
+        public=Endpoint.parse(public),
+        inbound_interface=iif,
+        server_public_key=b"\0" * 32,
+        preshared_key_file=None,
+        failback="sticky",
+        preempt_delay=30.0,
+        source_nat="preserve",
+        notify=None,
+        probe=ProbeSettings(),
+        backends=tuple(
+            Backend(n, Endpoint.parse(a), 100 - 10 * i) for i, (n, a) in enumerate(backends)
+        ),
     )
 
 
 @pytest.fixture(scope="module")
 def services(lab: Lab) -> list[Service]:
     return [
-        _service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}",
-                 [(b.name, b.address) for b in lab.backends]),
-        _service("wg6", f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
-                 [(b.name, b.address_v6 or "") for b in lab.backends], iif=lab.gateway.wan_if),
+        _service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends]),
+        _service(
+            "wg6",
+            f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
+            [(b.name, b.address_v6 or "") for b in lab.backends],
+            iif=lab.gateway.wan_if,
+        ),
     ]
 
 
@@ -77,17 +89,24 @@ def worker(lab: Lab) -> Iterator[NsWorker]:
     with NsWorker(lab.gateway.ns) as w:
         yield w
     for tool in ("iptables-legacy", "ip6tables-legacy"):  # leave the lab as we found it
-        for args in (["-D", "PREROUTING", "-j", "NATFAIL-PRE"],
-                     ["-D", "POSTROUTING", "-j", "NATFAIL-POST"],
-                     ["-F", "NATFAIL-PRE"], ["-F", "NATFAIL-POST"],
-                     ["-X", "NATFAIL-PRE"], ["-X", "NATFAIL-POST"]):
+        for args in (
+            ["-D", "PREROUTING", "-j", "NATFAIL-PRE"],
+            ["-D", "POSTROUTING", "-j", "NATFAIL-POST"],
+            ["-F", "NATFAIL-PRE"],
+            ["-F", "NATFAIL-POST"],
+            ["-X", "NATFAIL-PRE"],
+            ["-X", "NATFAIL-POST"],
+        ):
             lab.exec(lab.gateway, [tool, "-t", "nat", *args], check=False)
 
 
 def _dnat_targets(lab: Lab, tool: str) -> list[str]:
     out = lab.exec(lab.gateway, [tool, "-t", "nat", "-S", "NATFAIL-PRE"]).stdout
-    return [ln.split("--to-destination ", 1)[1].split()[0] for ln in out.splitlines()
-            if "--to-destination" in ln]
+    return [
+        ln.split("--to-destination ", 1)[1].split()[0]
+        for ln in out.splitlines()
+        if "--to-destination" in ln
+    ]
 
 
 def _dead(pid: int) -> bool:
@@ -107,7 +126,8 @@ def _netns_inode(path: str) -> int:
 
 
 def test_a_killed_helper_is_replaced_and_the_next_apply_installs_the_rules(
-        lab: Lab, worker: NsWorker, services: list[Service]) -> None:
+    lab: Lab, worker: NsWorker, services: list[Service]
+) -> None:
     a, b = lab.backends[0], lab.backends[1]
     worker.call(capture_log)
     dp = worker.create(IptablesDataplane)
@@ -167,8 +187,13 @@ time.sleep(300)
 
 def test_helpers_end_quietly_when_their_daemon_is_sigkilled(lab: Lab) -> None:
     with tempfile.TemporaryFile("w+") as err:
-        proc = lab.popen(lab.gateway, [sys.executable, "-c", DAEMON], stdout=subprocess.PIPE,
-                         stderr=err, env={"PYTHONPATH": str(Path(__file__).parents[2])})
+        proc = lab.popen(
+            lab.gateway,
+            [sys.executable, "-c", DAEMON],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env={"PYTHONPATH": str(Path(__file__).parents[2])},
+        )
         holder = None
         try:
             assert proc.stdout is not None
@@ -180,8 +205,9 @@ def test_helpers_end_quietly_when_their_daemon_is_sigkilled(lab: Lab) -> None:
             assert len(helpers) == 2 and not any(_dead(pid) for pid in helpers)
             proc.kill()
             proc.wait(10)
-            assert wait_until(lambda: all(_dead(pid) for pid in helpers), 10), \
+            assert wait_until(lambda: all(_dead(pid) for pid in helpers), 10), (
                 "a helper outlived its daemon"
+            )
             err.seek(0)
             text = err.read()
             assert "Traceback" not in text and "Error" not in text, text

@@ -26,15 +26,32 @@ def backends_up(lab: Lab) -> Iterator[Lab]:
 
 
 def natfailctl_probe(
-    lab: Lab, target: str, *, server_key: str | None = None, count: int = 1,
-    timeout: float = 1.0, state_dir: Path | None = None,
+    lab: Lab,
+    target: str,
+    *,
+    server_key: str | None = None,
+    count: int = 1,
+    timeout: float = 1.0,
+    state_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     argv = [
-        sys.executable, "-m", "natfail.cli.ctl", "--config", str(lab.dir / "none.toml"),
-        "probe", target,
-        "--server-key", server_key or lab.server_key.public_b64,
-        "--probe-key-file", str(lab.probe_key.file),
-        "--count", str(count), "--timeout", str(timeout), "--interval", "0.05",
+        sys.executable,
+        "-m",
+        "natfail.cli.ctl",
+        "--config",
+        str(lab.dir / "none.toml"),
+        "probe",
+        target,
+        "--server-key",
+        server_key or lab.server_key.public_b64,
+        "--probe-key-file",
+        str(lab.probe_key.file),
+        "--count",
+        str(count),
+        "--timeout",
+        str(timeout),
+        "--interval",
+        "0.05",
     ]
     if lab.psk_file is not None:
         argv += ["--psk-file", str(lab.psk_file)]
@@ -48,10 +65,10 @@ def _no_config(lab: Lab) -> None:
     # passes them explicitly and points --config at a minimal valid file.
     conf = lab.dir / "none.toml"
     conf.write_text(
-        f"[daemon]\nstate_dir = \"{lab.dir / 'state'}\"\n"
-        f"[[service]]\nname = \"x\"\npublic = \"203.0.113.10:51820\"\n"
-        f"server_public_key = \"{lab.server_key.public_b64}\"\n"
-        f"[[service.backend]]\nname = \"a\"\naddress = \"10.0.0.2:51820\"\npriority = 1\n"
+        f'[daemon]\nstate_dir = "{lab.dir / "state"}"\n'
+        f'[[service]]\nname = "x"\npublic = "203.0.113.10:51820"\n'
+        f'server_public_key = "{lab.server_key.public_b64}"\n'
+        f'[[service.backend]]\nname = "a"\naddress = "10.0.0.2:51820"\npriority = 1\n'
     )
     (lab.dir / "state").mkdir(exist_ok=True)
 
@@ -131,9 +148,16 @@ def test_forged_responses_are_down(backends_up: Lab) -> None:
     backend.stop()
     forger = lab.popen(
         backend,
-        [sys.executable, "-m", "tests.netns.forger", backend.v4, str(backend.port),
-         lab.probe_key.public_b64],
-        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+        [
+            sys.executable,
+            "-m",
+            "tests.netns.forger",
+            backend.v4,
+            str(backend.port),
+            lab.probe_key.public_b64,
+        ],
+        stdout=subprocess.PIPE,
+        env={"PYTHONPATH": str(REPO)},
     )
     try:
         assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
@@ -171,9 +195,16 @@ def test_cookie_replies_alone_are_down(backends_up: Lab) -> None:
     backend.stop()
     forger = lab.popen(
         backend,
-        [sys.executable, "-m", "tests.netns.cookie_forger", backend.v4, str(backend.port),
-         lab.server_key.public_b64],
-        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+        [
+            sys.executable,
+            "-m",
+            "tests.netns.cookie_forger",
+            backend.v4,
+            str(backend.port),
+            lab.server_key.public_b64,
+        ],
+        stdout=subprocess.PIPE,
+        env={"PYTHONPATH": str(REPO)},
     )
     try:
         assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
@@ -201,9 +232,17 @@ def test_spoofed_port_unreachable_does_not_beat_the_response(backends_up: Lab, m
     assert backend.pid is not None
     spoofer = lab.popen(
         backend,
-        [sys.executable, "-m", "tests.netns.icmp_spoofer", backend.v4, str(backend.port),
-         mode, str(backend.pid)],
-        stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)},
+        [
+            sys.executable,
+            "-m",
+            "tests.netns.icmp_spoofer",
+            backend.v4,
+            str(backend.port),
+            mode,
+            str(backend.pid),
+        ],
+        stdout=subprocess.PIPE,
+        env={"PYTHONPATH": str(REPO)},
     )
     try:
         assert spoofer.stdout is not None and spoofer.stdout.readline().strip() == "ready"
@@ -229,13 +268,20 @@ def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
     backend = lab.backends[0]
     assert backend.pid is not None
     before = lab.backend_show(backend).peers[lab.probe_key.public_b64].tx
-    argv = [sys.executable, "-m", "tests.netns.cookie_load", backend.v4, str(backend.port),
-            lab.server_key.public_b64, str(lab.probe_key.file), str(backend.pid)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.netns.cookie_load",
+        backend.v4,
+        str(backend.port),
+        lab.server_key.public_b64,
+        str(lab.probe_key.file),
+        str(backend.pid),
+    ]
     if lab.psk_file is not None:
         argv.append(str(lab.psk_file))
     try:
-        proc = lab.exec(lab.gateway, argv, check=False, timeout=60,
-                        env={"PYTHONPATH": str(REPO)})
+        proc = lab.exec(lab.gateway, argv, check=False, timeout=60, env={"PYTHONPATH": str(REPO)})
     finally:
         backend.resume()
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -29,8 +29,10 @@ def _rules(gw: Gateway) -> str:
     lab = gw.lab
     if gw.firewall == "nftables":
         return lab.exec(lab.gateway, ["nft", "list", "table", "inet", "natfail"]).stdout
-    return "".join(lab.exec(lab.gateway, [tool, "-t", "nat", "-S"]).stdout
-                   for tool in ("iptables-legacy", "ip6tables-legacy"))
+    return "".join(
+        lab.exec(lab.gateway, [tool, "-t", "nat", "-S"]).stdout
+        for tool in ("iptables-legacy", "ip6tables-legacy")
+    )
 
 
 def _socket(gw: Gateway) -> Path:
@@ -45,8 +47,13 @@ def test_a_second_daemon_exits_and_touches_nothing(gw: Gateway) -> None:
     rules = _rules(gw)
     log_before = gw.logs()
 
-    second = lab.popen(lab.gateway, [sys.executable, "-m", "natfail", "-c", str(gw.config)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    second = lab.popen(
+        lab.gateway,
+        [sys.executable, "-m", "natfail", "-c", str(gw.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     out, err = second.communicate(timeout=60)
     assert second.returncode == 1, (out, err)
     assert err.splitlines() == [f"natfail: another natfail (pid {first_pid}) is running"]
@@ -59,7 +66,7 @@ def test_a_second_daemon_exits_and_touches_nothing(gw: Gateway) -> None:
     assert gw.status()["active"] == "a"
     assert _rules(gw) == rules
     # the first daemon saw nothing to repair, so nobody else wrote its rules
-    assert "repaired" not in gw.logs()[len(log_before):], gw.logs()
+    assert "repaired" not in gw.logs()[len(log_before) :], gw.logs()
 
 
 def test_a_dead_daemons_stale_socket_is_replaced(gw: Gateway) -> None:
@@ -79,9 +86,13 @@ def test_a_socket_another_program_listens_on_is_never_taken(fresh: Lab) -> None:
         other.bind(str(path))
         other.listen(1)
         inode = path.stat().st_ino
-        daemon = fresh.popen(fresh.gateway,
-                             [sys.executable, "-m", "natfail", "-c", str(gw.config)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        daemon = fresh.popen(
+            fresh.gateway,
+            [sys.executable, "-m", "natfail", "-c", str(gw.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
         out, err = daemon.communicate(timeout=60)
         assert daemon.returncode == 1, (out, err)
         lines = err.splitlines()

@@ -34,9 +34,19 @@ _ENTRY = re.compile(
 
 @pytest.fixture
 def clients(fresh: Lab) -> Iterator[subprocess.Popen[str]]:
-    proc = fresh.popen(fresh.client, [sys.executable, str(CLIENTS), PUBLIC_V4,
-                                      str(PUBLIC_PORT), str(FIRST_PORT), str(COUNT), "0.2"],
-                       stdout=subprocess.PIPE)
+    proc = fresh.popen(
+        fresh.client,
+        [
+            sys.executable,
+            str(CLIENTS),
+            PUBLIC_V4,
+            str(PUBLIC_PORT),
+            str(FIRST_PORT),
+            str(COUNT),
+            "0.2",
+        ],
+        stdout=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     yield proc
     proc.terminate()
@@ -66,9 +76,14 @@ def all_natted_to(lab: Lab, backend: str) -> bool:
 
 def add_stateful_filter(lab: Lab) -> None:
     """What many gateways have: a filter rule that makes the kernel track every flow."""
-    lab.exec(lab.gateway, ["nft", "-f", "-"], input=(
-        "table inet hostfw {\n chain hostfwd {\n  type filter hook forward priority 0;\n"
-        "  ct state established,related accept\n }\n}\n"))
+    lab.exec(
+        lab.gateway,
+        ["nft", "-f", "-"],
+        input=(
+            "table inet hostfw {\n chain hostfwd {\n  type filter hook forward priority 0;\n"
+            "  ct state established,related accept\n }\n}\n"
+        ),
+    )
 
 
 def targets(gw: Gateway) -> list[str]:
@@ -97,9 +112,14 @@ def finish(gw: Gateway) -> None:
     assert "Traceback" not in logs, logs
 
 
-@pytest.mark.parametrize(("firewall", "stateful"), [
-    ("nftables", True), ("iptables", True), ("nftables", False),
-])
+@pytest.mark.parametrize(
+    ("firewall", "stateful"),
+    [
+        ("nftables", True),
+        ("iptables", True),
+        ("nftables", False),
+    ],
+)
 def test_clients_sending_before_the_daemon_starts_are_not_stranded(
     fresh: Lab, clients: subprocess.Popen[str], firewall: str, stateful: bool
 ) -> None:
@@ -140,8 +160,13 @@ def test_iptables_flush_or_restore_strands_no_flow(
                         restore = f"{tool}-restore"
                         fresh.exec(fresh.gateway, [restore], input="*nat\nCOMMIT\n")
                 fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)  # every flow new
-                assert wait_until(lambda: set(reply_sources(fresh).values()) == {PUBLIC_V4}
-                                  and len(reply_sources(fresh)) == COUNT, 10), reply_sources(fresh)
+                assert wait_until(
+                    lambda: (
+                        set(reply_sources(fresh).values()) == {PUBLIC_V4}
+                        and len(reply_sources(fresh)) == COUNT
+                    ),
+                    10,
+                ), reply_sources(fresh)
             finally:
                 gw.proc.send_signal(signal.SIGCONT)
             # natfail repairs its rules, and the un-NATed entries go
@@ -181,9 +206,13 @@ def test_a_reload_renaming_the_active_backend_keeps_the_dnat(
             assert wait_until(lambda: all_natted_to(fresh, "a"), 10), reply_sources(fresh)
             text = gw.config.read_text()
             gw.config.write_text(text.replace('name = "a"', 'name = "a-renamed"'))
-            reload = subprocess.Popen([sys.executable, "-m", "natfail.cli.ctl", "-c",
-                                       str(gw.config), "reload"], env={**os.environ, **ENV},
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            reload = subprocess.Popen(
+                [sys.executable, "-m", "natfail.cli.ctl", "-c", str(gw.config), "reload"],
+                env={**os.environ, **ENV},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             missing = 0
             while reload.poll() is None:
                 if not targets(gw):
@@ -205,10 +234,15 @@ def test_a_foreign_dnat_before_natfails_is_reported(
     try:
         with running(fresh, "nftables") as gw:
             assert gw.status()["warnings"] == []
-            fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
-                "table ip foreign {\n chain foreignpre {\n"
-                "  type nat hook prerouting priority -150;\n"
-                f"  ip daddr {PUBLIC_V4} udp dport {PUBLIC_PORT} dnat to 10.0.0.99\n }}\n}}\n"))
+            fresh.exec(
+                fresh.gateway,
+                ["nft", "-f", "-"],
+                input=(
+                    "table ip foreign {\n chain foreignpre {\n"
+                    "  type nat hook prerouting priority -150;\n"
+                    f"  ip daddr {PUBLIC_V4} udp dport {PUBLIC_PORT} dnat to 10.0.0.99\n }}\n}}\n"
+                ),
+            )
             fresh.exec(fresh.gateway, ["conntrack", "-F"], check=False)
             assert wait_until(lambda: bool(gw.status()["warnings"]), 40, 0.5), gw.logs()
             (warning,) = gw.status()["warnings"]
@@ -223,9 +257,14 @@ def test_the_same_heavy_loss_on_every_backend_does_not_move_traffic(fresh: Lab) 
     try:
         with running(fresh, "nftables") as gw:
             # every probe reply from every backend, alike: half of them lost
-            fresh.exec(fresh.gateway, ["nft", "-f", "-"], input=(
-                "table inet lossy {\n chain lossin {\n  type filter hook input priority 0;\n"
-                f"  udp sport {PUBLIC_PORT} numgen random mod 2 == 0 drop\n }}\n}}\n"))
+            fresh.exec(
+                fresh.gateway,
+                ["nft", "-f", "-"],
+                input=(
+                    "table inet lossy {\n chain lossin {\n  type filter hook input priority 0;\n"
+                    f"  udp sport {PUBLIC_PORT} numgen random mod 2 == 0 drop\n }}\n}}\n"
+                ),
+            )
             time.sleep(12)  # the loss windows fill
             before = gw.status()["failovers"]
             time.sleep(25)

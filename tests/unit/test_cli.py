@@ -22,7 +22,10 @@ KEY = base64.b64encode(bytes(range(32))).decode()
 def run_ctl(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "natfail.cli.ctl", *argv],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
 
 
@@ -75,8 +78,14 @@ def test_check_config_uses_dash_c(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["no-such-command"], ["check-config", "a", "b"], ["probe"], ["probe", "x:1"],
-     ["--bogus", "check-config"]],
+    [
+        [],
+        ["no-such-command"],
+        ["check-config", "a", "b"],
+        ["probe"],
+        ["probe", "x:1"],
+        ["--bogus", "check-config"],
+    ],
 )
 def test_usage_errors_exit_2_in_one_line(argv: list[str]) -> None:
     proc = run_ctl(*argv)
@@ -104,8 +113,14 @@ def test_probe_bad_target_and_key(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = run_ctl("probe", "10.0.0.2:51820", "--server-key", "short")
     assert proc.returncode == 2 and "server-key" in proc.stderr
-    proc = run_ctl("probe", "10.0.0.2:51820", "--server-key", KEY,
-                   "--probe-key-file", str(tmp_path / "missing.key"))
+    proc = run_ctl(
+        "probe",
+        "10.0.0.2:51820",
+        "--server-key",
+        KEY,
+        "--probe-key-file",
+        str(tmp_path / "missing.key"),
+    )
     assert proc.returncode == 2 and "missing.key" in proc.stderr
 
 
@@ -134,8 +149,7 @@ def test_natfailctl_imports_neither_scapy_nor_asyncio() -> None:
         " or m == 'natfail.daemon']\n"
         "print(','.join(bad))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == ""
 
 
@@ -156,8 +170,15 @@ def test_check_config_rejects_each_broken_config(
 
 @pytest.mark.parametrize(
     "argv",
-    [["status"], ["status", "--json"], ["switch", "wg0", "b"], ["release", "wg0"],
-     ["drain", "wg0", "a"], ["undrain", "wg0", "a"], ["reload"]],
+    [
+        ["status"],
+        ["status", "--json"],
+        ["switch", "wg0", "b"],
+        ["release", "wg0"],
+        ["drain", "wg0", "a"],
+        ["undrain", "wg0", "a"],
+        ["reload"],
+    ],
 )
 def test_no_daemon_exits_3_in_one_line(tmp_path: Path, argv: list[str]) -> None:
     proc = run_ctl("--socket", str(tmp_path / "natfail.sock"), *argv)
@@ -183,9 +204,16 @@ def test_check_config_and_daemon_refuse_a_group_readable_key(tmp_path: Path) -> 
     key_file = tmp_path / "probe.key"
     secret = key_file.read_text().strip()
     key_file.chmod(0o640)
-    for proc in (run_ctl("check-config", str(conf)),
-                 subprocess.run([sys.executable, "-m", "natfail", "-c", str(conf)],
-                                capture_output=True, text=True, timeout=30, check=False)):
+    for proc in (
+        run_ctl("check-config", str(conf)),
+        subprocess.run(
+            [sys.executable, "-m", "natfail", "-c", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ),
+    ):
         assert proc.returncode == 2, proc
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1, proc.stderr
@@ -215,13 +243,17 @@ def test_probe_refuses_a_world_readable_key(tmp_path: Path, option: str) -> None
 
 def test_a_backend_in_two_services_fails_check_config_and_start(tmp_path: Path) -> None:
     conf = write_valid(tmp_path)
-    second = (test_config.MINIMAL.replace('name = "wg0"', 'name = "wg1"')
-              .replace(':51820"\n', ':51821"\n', 1))
+    second = test_config.MINIMAL.replace('name = "wg0"', 'name = "wg1"').replace(
+        ':51820"\n', ':51821"\n', 1
+    )
     conf.write_text(conf.read_text() + "\n" + second)
-    for argv in (["-m", "natfail.cli.ctl", "check-config", str(conf)],
-                 ["-m", "natfail", "-c", str(conf)]):
-        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                              timeout=30, check=False)
+    for argv in (
+        ["-m", "natfail.cli.ctl", "check-config", str(conf)],
+        ["-m", "natfail", "-c", str(conf)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, timeout=30, check=False
+        )
         assert proc.returncode == 2, proc.stderr
         (line,) = proc.stderr.strip().splitlines()
         assert "service[1].backend[0].address" in line and "one service" in line

@@ -140,85 +140,237 @@ BNAME1 = "service[0].backend[1].name"
 
 BROKEN = [
     # unknown keys, with and without a suggestion
-    case("unknown-top", "[daemon]\nfirewall", f"deamon = 1 {MARK}\n[daemon]\nfirewall",
-         "deamon", "unknown key 'deamon' (did you mean 'daemon'?)"),
-    case("unknown-top-services", "[daemon]\nfirewall", f"services = [] {MARK}\n[daemon]\nfirewall",
-         "services", "(did you mean 'service'?)"),
-    case("unknown-daemon", 'firewall = "nftables"', f'firewal = "nftables" {MARK}',
-         "daemon.firewal", "unknown key 'firewal' (did you mean 'firewall'?)"),
-    case("unknown-daemon-no-match", 'metrics_listen = ""', f'metrics_listen = ""\nzzz = 1 {MARK}',
-         "daemon.zzz", "unknown key 'zzz' (known keys: firewall, socket, state_dir"),
-    case("unknown-probe", "interval = 1.0", f"intervall = 1.0 {MARK}",
-         "probe.intervall", "unknown key 'intervall' (did you mean 'interval'?)"),
-    case("unknown-service", 'failback = "sticky"', f'fallback = "sticky" {MARK}',
-         "service[0].fallback", "(did you mean 'failback'?)"),
-    case("unknown-service-probe", "rise = 1", f"rice = 1 {MARK}",
-         "service[0].probe.rice", "(did you mean 'rise'?)"),
-    case("unknown-backend", "priority = 50", f"priorty = 50 {MARK}",
-         "service[0].backend[1].priorty", "(did you mean 'priority'?)"),
-    case("unknown-backend-2nd-service", "priority = 1\n", f"prioity = 1 {MARK}\n",
-         "service[1].backend[0].prioity", "(did you mean 'priority'?)"),
-    case("unknown-quoted-key", "priority = 50", f'"prio rity" = 50 {MARK}',
-         'service[0].backend[1]."prio rity"', "unknown key 'prio rity'"),
+    case(
+        "unknown-top",
+        "[daemon]\nfirewall",
+        f"deamon = 1 {MARK}\n[daemon]\nfirewall",
+        "deamon",
+        "unknown key 'deamon' (did you mean 'daemon'?)",
+    ),
+    case(
+        "unknown-top-services",
+        "[daemon]\nfirewall",
+        f"services = [] {MARK}\n[daemon]\nfirewall",
+        "services",
+        "(did you mean 'service'?)",
+    ),
+    case(
+        "unknown-daemon",
+        'firewall = "nftables"',
+        f'firewal = "nftables" {MARK}',
+        "daemon.firewal",
+        "unknown key 'firewal' (did you mean 'firewall'?)",
+    ),
+    case(
+        "unknown-daemon-no-match",
+        'metrics_listen = ""',
+        f'metrics_listen = ""\nzzz = 1 {MARK}',
+        "daemon.zzz",
+        "unknown key 'zzz' (known keys: firewall, socket, state_dir",
+    ),
+    case(
+        "unknown-probe",
+        "interval = 1.0",
+        f"intervall = 1.0 {MARK}",
+        "probe.intervall",
+        "unknown key 'intervall' (did you mean 'interval'?)",
+    ),
+    case(
+        "unknown-service",
+        'failback = "sticky"',
+        f'fallback = "sticky" {MARK}',
+        "service[0].fallback",
+        "(did you mean 'failback'?)",
+    ),
+    case(
+        "unknown-service-probe",
+        "rise = 1",
+        f"rice = 1 {MARK}",
+        "service[0].probe.rice",
+        "(did you mean 'rise'?)",
+    ),
+    case(
+        "unknown-backend",
+        "priority = 50",
+        f"priorty = 50 {MARK}",
+        "service[0].backend[1].priorty",
+        "(did you mean 'priority'?)",
+    ),
+    case(
+        "unknown-backend-2nd-service",
+        "priority = 1\n",
+        f"prioity = 1 {MARK}\n",
+        "service[1].backend[0].prioity",
+        "(did you mean 'priority'?)",
+    ),
+    case(
+        "unknown-quoted-key",
+        "priority = 50",
+        f'"prio rity" = 50 {MARK}',
+        'service[0].backend[1]."prio rity"',
+        "unknown key 'prio rity'",
+    ),
     # wrong types
-    case("type-firewall", 'firewall = "nftables"', f"firewall = 1 {MARK}",
-         "daemon.firewall", "must be a string, not an integer"),
-    case("type-socket", 'socket = "/run/natfail/natfail.sock"', f"socket = [] {MARK}",
-         "daemon.socket", "must be a string (a path), not an array"),
-    case("type-interval-str", "interval = 1.0", f'interval = "1s" {MARK}',
-         "probe.interval", "must be a number of seconds, not a string"),
-    case("type-rise-float", "rise = 2", f"rise = 2.0 {MARK}",
-         "probe.rise", "must be an integer, not a float"),
-    case("type-public", PUB0, f"public = 51820 {MARK}",
-         "service[0].public", "must be a string, not an integer"),
-    case("type-key", f'server_public_key = "{KEY}"\npreshared',
-         f'server_public_key = 1 {MARK}\npreshared',
-         "service[0].server_public_key", "must be a string, not an integer"),
-    case("type-name", S1, f"name = 1 {MARK}",
-         "service[1].name", "must be a string, not an integer"),
-    case("type-service-probe", PUB1, f"{PUB1}\nprobe = 3 {MARK}",
-         "service[1].probe", "must be a table, not an integer"),
-    case("type-date", "timeout = 0.5", f"timeout = 1979-05-27 {MARK}",
-         "probe.timeout", "not a date/time"),
-    whole("type-daemon-not-table", f'daemon = "nftables" {MARK}\n' + MINIMAL,
-          "daemon", "must be a table, not a string"),
-    whole("type-service-single-table", f'[service] {MARK}\nname = "wg0"\n',
-          "service", "must be an array of tables ([[service]]), not a table"),
-    whole("type-backend-single-table",
-          MINIMAL.replace("[[service.backend]]", f"[service.backend] {MARK}"),
-          "service[0].backend", "must be an array of tables ([[service.backend]])"),
-    whole("type-backend-item",
-          MINIMAL.split("[[service.backend]]")[0] + f'backend = ["a"] {MARK}\n',
-          "service[0].backend[0]", "must be a table, not a string"),
+    case(
+        "type-firewall",
+        'firewall = "nftables"',
+        f"firewall = 1 {MARK}",
+        "daemon.firewall",
+        "must be a string, not an integer",
+    ),
+    case(
+        "type-socket",
+        'socket = "/run/natfail/natfail.sock"',
+        f"socket = [] {MARK}",
+        "daemon.socket",
+        "must be a string (a path), not an array",
+    ),
+    case(
+        "type-interval-str",
+        "interval = 1.0",
+        f'interval = "1s" {MARK}',
+        "probe.interval",
+        "must be a number of seconds, not a string",
+    ),
+    case(
+        "type-rise-float",
+        "rise = 2",
+        f"rise = 2.0 {MARK}",
+        "probe.rise",
+        "must be an integer, not a float",
+    ),
+    case(
+        "type-public",
+        PUB0,
+        f"public = 51820 {MARK}",
+        "service[0].public",
+        "must be a string, not an integer",
+    ),
+    case(
+        "type-key",
+        f'server_public_key = "{KEY}"\npreshared',
+        f"server_public_key = 1 {MARK}\npreshared",
+        "service[0].server_public_key",
+        "must be a string, not an integer",
+    ),
+    case(
+        "type-name", S1, f"name = 1 {MARK}", "service[1].name", "must be a string, not an integer"
+    ),
+    case(
+        "type-service-probe",
+        PUB1,
+        f"{PUB1}\nprobe = 3 {MARK}",
+        "service[1].probe",
+        "must be a table, not an integer",
+    ),
+    case(
+        "type-date",
+        "timeout = 0.5",
+        f"timeout = 1979-05-27 {MARK}",
+        "probe.timeout",
+        "not a date/time",
+    ),
+    whole(
+        "type-daemon-not-table",
+        f'daemon = "nftables" {MARK}\n' + MINIMAL,
+        "daemon",
+        "must be a table, not a string",
+    ),
+    whole(
+        "type-service-single-table",
+        f'[service] {MARK}\nname = "wg0"\n',
+        "service",
+        "must be an array of tables ([[service]]), not a table",
+    ),
+    whole(
+        "type-backend-single-table",
+        MINIMAL.replace("[[service.backend]]", f"[service.backend] {MARK}"),
+        "service[0].backend",
+        "must be an array of tables ([[service.backend]])",
+    ),
+    whole(
+        "type-backend-item",
+        MINIMAL.split("[[service.backend]]")[0] + f'backend = ["a"] {MARK}\n',
+        "service[0].backend[0]",
+        "must be a table, not a string",
+    ),
     # bool is not an int / not a duration
     case("bool-fall", "fall = 3", f"fall = true {MARK}", "probe.fall", "not a boolean"),
-    case("bool-priority", "priority = 100", f"priority = true {MARK}",
-         "service[0].backend[0].priority", "must be an integer, not a boolean"),
-    case("bool-preempt-delay", "preempt_delay = 30.0", f"preempt_delay = false {MARK}",
-         "service[0].preempt_delay", "must be a number of seconds, not a boolean"),
+    case(
+        "bool-priority",
+        "priority = 100",
+        f"priority = true {MARK}",
+        "service[0].backend[0].priority",
+        "must be an integer, not a boolean",
+    ),
+    case(
+        "bool-preempt-delay",
+        "preempt_delay = 30.0",
+        f"preempt_delay = false {MARK}",
+        "service[0].preempt_delay",
+        "must be a number of seconds, not a boolean",
+    ),
     # ranges
-    case("range-interval-0", "interval = 1.0", f"interval = 0 {MARK}",
-         "probe.interval", "must be > 0"),
-    case("range-interval-neg", "interval = 1.0", f"interval = -1.5 {MARK}",
-         "probe.interval", "must be > 0, got -1.5"),
-    case("range-interval-inf", "interval = 1.0", f"interval = inf {MARK}",
-         "probe.interval", "finite"),
-    case("range-interval-nan", "interval = 1.0", f"interval = nan {MARK}",
-         "probe.interval", "finite"),
-    case("range-timeout-0", "timeout = 0.5", f"timeout = 0.0 {MARK}",
-         "probe.timeout", "must be > 0"),
-    case("range-preempt-delay", "preempt_delay = 30.0", f"preempt_delay = -1 {MARK}",
-         "service[0].preempt_delay", "must be >= 0"),
+    case(
+        "range-interval-0",
+        "interval = 1.0",
+        f"interval = 0 {MARK}",
+        "probe.interval",
+        "must be > 0",
+    ),
+    case(
+        "range-interval-neg",
+        "interval = 1.0",
+        f"interval = -1.5 {MARK}",
+        "probe.interval",
+        "must be > 0, got -1.5",
+    ),
+    case(
+        "range-interval-inf", "interval = 1.0", f"interval = inf {MARK}", "probe.interval", "finite"
+    ),
+    case(
+        "range-interval-nan", "interval = 1.0", f"interval = nan {MARK}", "probe.interval", "finite"
+    ),
+    case(
+        "range-timeout-0", "timeout = 0.5", f"timeout = 0.0 {MARK}", "probe.timeout", "must be > 0"
+    ),
+    case(
+        "range-preempt-delay",
+        "preempt_delay = 30.0",
+        f"preempt_delay = -1 {MARK}",
+        "service[0].preempt_delay",
+        "must be >= 0",
+    ),
     case("range-rise", "rise = 2", f"rise = 0 {MARK}", "probe.rise", "must be >= 1, got 0"),
     case("range-fall", "fall = 3", f"fall = -3 {MARK}", "probe.fall", "must be >= 1"),
-    case("range-service-probe-rise", "rise = 1", f"rise = 0 {MARK}",
-         "service[0].probe.rise", "must be >= 1"),
-    case("range-service-probe-interval", "rise = 1", f"rise = 1\ninterval = -2 {MARK}",
-         "service[0].probe.interval", "must be > 0"),
-    case("range-priority-high", "priority = 50", f"priority = 2147483648 {MARK}",
-         "service[0].backend[1].priority", "between -2147483648 and 2147483647"),
-    case("range-priority-low", "priority = 50", f"priority = -2147483649 {MARK}",
-         "service[0].backend[1].priority", "between"),
+    case(
+        "range-service-probe-rise",
+        "rise = 1",
+        f"rise = 0 {MARK}",
+        "service[0].probe.rise",
+        "must be >= 1",
+    ),
+    case(
+        "range-service-probe-interval",
+        "rise = 1",
+        f"rise = 1\ninterval = -2 {MARK}",
+        "service[0].probe.interval",
+        "must be > 0",
+    ),
+    case(
+        "range-priority-high",
+        "priority = 50",
+        f"priority = 2147483648 {MARK}",
+        "service[0].backend[1].priority",
+        "between -2147483648 and 2147483647",
+    ),
+    case(
+        "range-priority-low",
+        "priority = 50",
+        f"priority = -2147483649 {MARK}",
+        "service[0].backend[1].priority",
+        "between",
+    ),
     # names
     case("name-empty", S0, f'name = "" {MARK}', "service[0].name", "not a valid name"),
     case("name-space", S0, f'name = "wg 0" {MARK}', "service[0].name", "not a valid name"),
@@ -227,105 +379,298 @@ BROKEN = [
     case("name-dash", B1_NAME, f'name = "-b" {MARK}', BNAME1, "not a valid"),
     case("name-slash", B1_NAME, f'name = "a/b" {MARK}', BNAME1, "not a valid"),
     # inbound_interface
-    case("ifname-slash", 'inbound_interface = "eth0"', f'inbound_interface = "eth0/1" {MARK}',
-         "service[0].inbound_interface", "not a valid interface name"),
-    case("ifname-colon", 'inbound_interface = "eth0"', f'inbound_interface = "eth0:1" {MARK}',
-         "service[0].inbound_interface", "not a valid interface name"),
-    case("ifname-space", 'inbound_interface = "eth0"', f'inbound_interface = "eth 0" {MARK}',
-         "service[0].inbound_interface", "not a valid interface name"),
-    case("ifname-long", 'inbound_interface = "eth0"', f'inbound_interface = "{"e" * 16}" {MARK}',
-         "service[0].inbound_interface", "1 to 15 bytes"),
-    case("ifname-type", 'inbound_interface = "eth0"', f"inbound_interface = 0 {MARK}",
-         "service[0].inbound_interface", "must be a string"),
+    case(
+        "ifname-slash",
+        'inbound_interface = "eth0"',
+        f'inbound_interface = "eth0/1" {MARK}',
+        "service[0].inbound_interface",
+        "not a valid interface name",
+    ),
+    case(
+        "ifname-colon",
+        'inbound_interface = "eth0"',
+        f'inbound_interface = "eth0:1" {MARK}',
+        "service[0].inbound_interface",
+        "not a valid interface name",
+    ),
+    case(
+        "ifname-space",
+        'inbound_interface = "eth0"',
+        f'inbound_interface = "eth 0" {MARK}',
+        "service[0].inbound_interface",
+        "not a valid interface name",
+    ),
+    case(
+        "ifname-long",
+        'inbound_interface = "eth0"',
+        f'inbound_interface = "{"e" * 16}" {MARK}',
+        "service[0].inbound_interface",
+        "1 to 15 bytes",
+    ),
+    case(
+        "ifname-type",
+        'inbound_interface = "eth0"',
+        f"inbound_interface = 0 {MARK}",
+        "service[0].inbound_interface",
+        "must be a string",
+    ),
     # addresses
-    case("addr-hostname", PUB0, f'public = "vpn.example.com:51820" {MARK}',
-         "service[0].public", "is a hostname; give an IP address"),
-    case("addr-missing-port", PUB0, f'public = "203.0.113.10" {MARK}',
-         "service[0].public", "missing ':port'"),
-    case("addr-port-0", B1_ADDR, f'address = "10.0.0.3:0" {MARK}',
-         "service[0].backend[1].address", "port must be a number from 1 to 65535"),
-    case("addr-port-70000", B1_ADDR, f'address = "10.0.0.3:70000" {MARK}',
-         "service[0].backend[1].address", "1 to 65535"),
-    case("addr-port-text", B1_ADDR, f'address = "10.0.0.3:wg" {MARK}',
-         "service[0].backend[1].address", "1 to 65535"),
-    case("addr-v6-no-brackets", PUB0, f'public = "2001:db8::1:51820" {MARK}',
-         "service[0].public", "IPv6 address needs brackets"),
-    case("addr-v6-missing-port", PUB0, f'public = "[2001:db8::1]" {MARK}',
-         "service[0].public", "missing ':port'"),
-    case("addr-v6-bad", PUB0, f'public = "[2001:db8::x]:51820" {MARK}',
-         "service[0].public", "is not an IPv6 address"),
-    case("addr-v4-in-brackets", PUB0, f'public = "[203.0.113.10]:51820" {MARK}',
-         "service[0].public", "is not an IPv6 address"),
-    case("addr-v4-bad", B1_ADDR, f'address = "10.0.0.300:51820" {MARK}',
-         "service[0].backend[1].address", "is not an IPv4 address"),
-    case("addr-scope-id", PUB0, f'public = "[fe80::1%eth0]:51820" {MARK}',
-         "service[0].public", "scope id"),
-    case("addr-unspecified", B1_ADDR, f'address = "0.0.0.0:51820" {MARK}',
-         "service[0].backend[1].address", "must be a unicast address"),
-    case("addr-multicast", PUB0, f'public = "224.0.0.1:51820" {MARK}',
-         "service[0].public", "must be a unicast address"),
-    case("metrics-no-port", 'metrics_listen = ""', f'metrics_listen = "localhost" {MARK}',
-         "daemon.metrics_listen", "missing ':port'"),
-    case("metrics-v6-no-brackets", 'metrics_listen = ""', f'metrics_listen = "::1:9585" {MARK}',
-         "daemon.metrics_listen", "needs brackets"),
-    case("metrics-port-0", 'metrics_listen = ""', f'metrics_listen = "127.0.0.1:0" {MARK}',
-         "daemon.metrics_listen", "1 to 65535"),
-    case("metrics-bad-host", 'metrics_listen = ""', f'metrics_listen = "a b:9585" {MARK}',
-         "daemon.metrics_listen", "not an IPv4 address or hostname"),
+    case(
+        "addr-hostname",
+        PUB0,
+        f'public = "vpn.example.com:51820" {MARK}',
+        "service[0].public",
+        "is a hostname; give an IP address",
+    ),
+    case(
+        "addr-missing-port",
+        PUB0,
+        f'public = "203.0.113.10" {MARK}',
+        "service[0].public",
+        "missing ':port'",
+    ),
+    case(
+        "addr-port-0",
+        B1_ADDR,
+        f'address = "10.0.0.3:0" {MARK}',
+        "service[0].backend[1].address",
+        "port must be a number from 1 to 65535",
+    ),
+    case(
+        "addr-port-70000",
+        B1_ADDR,
+        f'address = "10.0.0.3:70000" {MARK}',
+        "service[0].backend[1].address",
+        "1 to 65535",
+    ),
+    case(
+        "addr-port-text",
+        B1_ADDR,
+        f'address = "10.0.0.3:wg" {MARK}',
+        "service[0].backend[1].address",
+        "1 to 65535",
+    ),
+    case(
+        "addr-v6-no-brackets",
+        PUB0,
+        f'public = "2001:db8::1:51820" {MARK}',
+        "service[0].public",
+        "IPv6 address needs brackets",
+    ),
+    case(
+        "addr-v6-missing-port",
+        PUB0,
+        f'public = "[2001:db8::1]" {MARK}',
+        "service[0].public",
+        "missing ':port'",
+    ),
+    case(
+        "addr-v6-bad",
+        PUB0,
+        f'public = "[2001:db8::x]:51820" {MARK}',
+        "service[0].public",
+        "is not an IPv6 address",
+    ),
+    case(
+        "addr-v4-in-brackets",
+        PUB0,
+        f'public = "[203.0.113.10]:51820" {MARK}',
+        "service[0].public",
+        "is not an IPv6 address",
+    ),
+    case(
+        "addr-v4-bad",
+        B1_ADDR,
+        f'address = "10.0.0.300:51820" {MARK}',
+        "service[0].backend[1].address",
+        "is not an IPv4 address",
+    ),
+    case(
+        "addr-scope-id",
+        PUB0,
+        f'public = "[fe80::1%eth0]:51820" {MARK}',
+        "service[0].public",
+        "scope id",
+    ),
+    case(
+        "addr-unspecified",
+        B1_ADDR,
+        f'address = "0.0.0.0:51820" {MARK}',
+        "service[0].backend[1].address",
+        "must be a unicast address",
+    ),
+    case(
+        "addr-multicast",
+        PUB0,
+        f'public = "224.0.0.1:51820" {MARK}',
+        "service[0].public",
+        "must be a unicast address",
+    ),
+    case(
+        "metrics-no-port",
+        'metrics_listen = ""',
+        f'metrics_listen = "localhost" {MARK}',
+        "daemon.metrics_listen",
+        "missing ':port'",
+    ),
+    case(
+        "metrics-v6-no-brackets",
+        'metrics_listen = ""',
+        f'metrics_listen = "::1:9585" {MARK}',
+        "daemon.metrics_listen",
+        "needs brackets",
+    ),
+    case(
+        "metrics-port-0",
+        'metrics_listen = ""',
+        f'metrics_listen = "127.0.0.1:0" {MARK}',
+        "daemon.metrics_listen",
+        "1 to 65535",
+    ),
+    case(
+        "metrics-bad-host",
+        'metrics_listen = ""',
+        f'metrics_listen = "a b:9585" {MARK}',
+        "daemon.metrics_listen",
+        "not an IPv4 address or hostname",
+    ),
     # keys
-    case("key-bad-base64", f'server_public_key = "{KEY}"\npreshared',
-         f'server_public_key = "not base64!!" {MARK}\npreshared',
-         "service[0].server_public_key", "is not valid base64"),
-    case("key-wrong-length", f'server_public_key = "{KEY}"\npreshared',
-         f'server_public_key = "{SHORT_KEY}" {MARK}\npreshared',
-         "service[0].server_public_key", "decodes to 16 bytes; a WireGuard key is 32 bytes"),
-    case("key-missing", f'{S1}\n{PUB1}\nserver_public_key = "{KEY}"\n',
-         f"{S1}\n{PUB1}\n", "service[1].server_public_key", "missing (required)"),
+    case(
+        "key-bad-base64",
+        f'server_public_key = "{KEY}"\npreshared',
+        f'server_public_key = "not base64!!" {MARK}\npreshared',
+        "service[0].server_public_key",
+        "is not valid base64",
+    ),
+    case(
+        "key-wrong-length",
+        f'server_public_key = "{KEY}"\npreshared',
+        f'server_public_key = "{SHORT_KEY}" {MARK}\npreshared',
+        "service[0].server_public_key",
+        "decodes to 16 bytes; a WireGuard key is 32 bytes",
+    ),
+    case(
+        "key-missing",
+        f'{S1}\n{PUB1}\nserver_public_key = "{KEY}"\n',
+        f"{S1}\n{PUB1}\n",
+        "service[1].server_public_key",
+        "missing (required)",
+    ),
     # uniqueness
-    case("dup-service-name", S1, f'name = "wg0" {MARK}',
-         "service[1].name", "duplicate service name 'wg0'"),
-    case("dup-public", PUB1, f'public = "203.0.113.10:51820" {MARK}',
-         "service[1].public", "203.0.113.10:51820 is already the public endpoint of 'wg0'"),
-    case("dup-backend-name", B1_NAME, f'name = "a" {MARK}',
-         "service[0].backend[1].name", "duplicate backend name 'a'"),
-    case("dup-backend-address", B1_ADDR, f'address = "10.0.0.2:51820" {MARK}',
-         "service[0].backend[1].address", "10.0.0.2:51820 is already the address of 'a'"),
+    case(
+        "dup-service-name",
+        S1,
+        f'name = "wg0" {MARK}',
+        "service[1].name",
+        "duplicate service name 'wg0'",
+    ),
+    case(
+        "dup-public",
+        PUB1,
+        f'public = "203.0.113.10:51820" {MARK}',
+        "service[1].public",
+        "203.0.113.10:51820 is already the public endpoint of 'wg0'",
+    ),
+    case(
+        "dup-backend-name",
+        B1_NAME,
+        f'name = "a" {MARK}',
+        "service[0].backend[1].name",
+        "duplicate backend name 'a'",
+    ),
+    case(
+        "dup-backend-address",
+        B1_ADDR,
+        f'address = "10.0.0.2:51820" {MARK}',
+        "service[0].backend[1].address",
+        "10.0.0.2:51820 is already the address of 'a'",
+    ),
     # enumerations
-    case("enum-firewall", 'firewall = "nftables"', f'firewall = "pf" {MARK}',
-         "daemon.firewall", "must be one of 'nftables', 'iptables', got 'pf'"),
-    case("enum-failback", 'failback = "sticky"', f'failback = "never" {MARK}',
-         "service[0].failback", "must be one of 'sticky', 'preempt'"),
-    case("enum-source-nat", 'source_nat = "preserve"', f'source_nat = "snat" {MARK}',
-         "service[0].source_nat", "must be one of 'preserve', 'masquerade'"),
+    case(
+        "enum-firewall",
+        'firewall = "nftables"',
+        f'firewall = "pf" {MARK}',
+        "daemon.firewall",
+        "must be one of 'nftables', 'iptables', got 'pf'",
+    ),
+    case(
+        "enum-failback",
+        'failback = "sticky"',
+        f'failback = "never" {MARK}',
+        "service[0].failback",
+        "must be one of 'sticky', 'preempt'",
+    ),
+    case(
+        "enum-source-nat",
+        'source_nat = "preserve"',
+        f'source_nat = "snat" {MARK}',
+        "service[0].source_nat",
+        "must be one of 'preserve', 'masquerade'",
+    ),
     # family mismatch
-    case("family-v6-backend", B1_ADDR, f'address = "[2001:db8::3]:51820" {MARK}',
-         "service[0].backend[1].address", "DNAT cannot change the address family"),
-    whole("family-v4-backend",
-          mutate(PUB1, 'public = "[2001:db8::1]:51821"').replace(
-              'address = "10.0.1.2:51820"', f'address = "10.0.1.2:51820" {MARK}'),
-          "service[1].backend[0].address", "is IPv4 but the public endpoint"),
+    case(
+        "family-v6-backend",
+        B1_ADDR,
+        f'address = "[2001:db8::3]:51820" {MARK}',
+        "service[0].backend[1].address",
+        "DNAT cannot change the address family",
+    ),
+    whole(
+        "family-v4-backend",
+        mutate(PUB1, 'public = "[2001:db8::1]:51821"').replace(
+            'address = "10.0.1.2:51820"', f'address = "10.0.1.2:51820" {MARK}'
+        ),
+        "service[1].backend[0].address",
+        "is IPv4 but the public endpoint",
+    ),
     # paths
-    case("path-empty-socket", 'socket = "/run/natfail/natfail.sock"', f'socket = "" {MARK}',
-         "daemon.socket", "must not be empty"),
-    case("path-socket-too-long", 'socket = "/run/natfail/natfail.sock"',
-         f'socket = "/{"s" * 120}" {MARK}', "daemon.socket", "at most 107 bytes"),
-    case("path-nul", 'notify = ""', f'notify = "/bin/x\\u0000" {MARK}',
-         "service[0].notify", "NUL"),
+    case(
+        "path-empty-socket",
+        'socket = "/run/natfail/natfail.sock"',
+        f'socket = "" {MARK}',
+        "daemon.socket",
+        "must not be empty",
+    ),
+    case(
+        "path-socket-too-long",
+        'socket = "/run/natfail/natfail.sock"',
+        f'socket = "/{"s" * 120}" {MARK}',
+        "daemon.socket",
+        "at most 107 bytes",
+    ),
+    case("path-nul", 'notify = ""', f'notify = "/bin/x\\u0000" {MARK}', "service[0].notify", "NUL"),
     # structure and required keys
     whole("no-service", "[daemon]\n", "service", "at least one [[service]] is required"),
     whole("empty-service-array", f"service = [] {MARK}\n", "service", "at least one [[service]]"),
-    whole("service-without-backends",
-          f"[[service]] {MARK}\n" + MINIMAL.split("\n", 1)[1].split("[[service.backend]]")[0],
-          "service[0].backend", "at least one [[service.backend]] is required"),
-    case("missing-priority", "priority = 50\n", "", "service[0].backend[1].priority",
-         "missing (required)"),
-    case("missing-public", f"{S1}\n{PUB1}\n", f"{S1}\n",
-         "service[1].public", "missing (required)"),
+    whole(
+        "service-without-backends",
+        f"[[service]] {MARK}\n" + MINIMAL.split("\n", 1)[1].split("[[service.backend]]")[0],
+        "service[0].backend",
+        "at least one [[service.backend]] is required",
+    ),
+    case(
+        "missing-priority",
+        "priority = 50\n",
+        "",
+        "service[0].backend[1].priority",
+        "missing (required)",
+    ),
+    case("missing-public", f"{S1}\n{PUB1}\n", f"{S1}\n", "service[1].public", "missing (required)"),
     # TOML syntax
-    case("syntax", "rise = 2", f"rise = = 2 {MARK}",
-         "", "TOML syntax error at column 8: Invalid value"),
-    case("syntax-duplicate-key", "interval = 1.0", f"interval = 1.0\ninterval = 2.0 {MARK}",
-         "", "TOML syntax error"),
+    case(
+        "syntax",
+        "rise = 2",
+        f"rise = = 2 {MARK}",
+        "",
+        "TOML syntax error at column 8: Invalid value",
+    ),
+    case(
+        "syntax-duplicate-key",
+        "interval = 1.0",
+        f"interval = 1.0\ninterval = 2.0 {MARK}",
+        "",
+        "TOML syntax error",
+    ),
 ]
 
 # Lines the error should point at, where the mark alone cannot say so.
@@ -372,8 +717,12 @@ def test_broken_config(broken: Broken, tmp_path: Path) -> None:
 
 def test_no_key_material_in_messages(tmp_path: Path) -> None:
     path = tmp_path / "natfail.toml"
-    path.write_text(BASE.replace(f'server_public_key = "{KEY}"\npreshared',
-                                 f'server_public_key = "{SHORT_KEY}"\npreshared'))
+    path.write_text(
+        BASE.replace(
+            f'server_public_key = "{KEY}"\npreshared',
+            f'server_public_key = "{SHORT_KEY}"\npreshared',
+        )
+    )
     with pytest.raises(ConfigError) as info:
         load(path)
     assert SHORT_KEY not in str(info.value)
@@ -382,8 +731,22 @@ def test_no_key_material_in_messages(tmp_path: Path) -> None:
 def test_every_rule_has_a_case() -> None:
     ids = {p.values[0].id for p in BROKEN}
     assert len(ids) == len(BROKEN), "case ids must be unique"
-    for prefix in ("unknown-", "type-", "bool-", "range-", "name-", "ifname-", "addr-", "key-",
-                   "dup-", "enum-", "family-", "metrics-", "path-", "syntax"):
+    for prefix in (
+        "unknown-",
+        "type-",
+        "bool-",
+        "range-",
+        "name-",
+        "ifname-",
+        "addr-",
+        "key-",
+        "dup-",
+        "enum-",
+        "family-",
+        "metrics-",
+        "path-",
+        "syntax",
+    ):
         assert any(i.startswith(prefix) for i in ids), prefix
 
 
@@ -398,7 +761,7 @@ def test_directory_and_bad_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load(tmp_path)
     path = tmp_path / "natfail.toml"
-    path.write_bytes(b"[daemon]\nfirewall = \"\xff\"\n")
+    path.write_bytes(b'[daemon]\nfirewall = "\xff"\n')
     with pytest.raises(ConfigError) as info:
         load(path)
     assert str(info.value) == f"{path}: is not valid UTF-8 (line 2)"
@@ -497,7 +860,10 @@ def test_service_probe_overrides_a_subset() -> None:
     wg0, wg1 = conf.services
     assert wg0.probe == ProbeSettings(
         private_key_file=Path("/etc/natfail/keys/wg0.key"),
-        interval=2.0, timeout=0.5, rise=1, fall=3,
+        interval=2.0,
+        timeout=0.5,
+        rise=1,
+        fall=3,
     )
     assert isinstance(wg0.probe.interval, float)
     assert wg1.probe == conf.probe
@@ -538,8 +904,9 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "natfail.toml"
     path.write_text(
         '[daemon]\nsocket = "run/s.sock"\nstate_dir = "state"\n'
-        '[probe]\nprivate_key_file = "probe.key"\n' + MINIMAL.replace(
-            'server_public_key', 'notify = "hook.sh"\npreshared_key_file = "psk"\nserver_public_key'
+        '[probe]\nprivate_key_file = "probe.key"\n'
+        + MINIMAL.replace(
+            "server_public_key", 'notify = "hook.sh"\npreshared_key_file = "psk"\nserver_public_key'
         )
     )
     conf = load(path)
@@ -626,8 +993,13 @@ def test_endpoint_constructor_checks_port() -> None:
 
 @pytest.mark.parametrize(
     ("text", "host", "port"),
-    [("127.0.0.1:9585", "127.0.0.1", 9585), ("[::1]:9585", "::1", 9585),
-     ("localhost:1", "localhost", 1), ("0.0.0.0:9585", "0.0.0.0", 9585), ("[::]:80", "::", 80)],
+    [
+        ("127.0.0.1:9585", "127.0.0.1", 9585),
+        ("[::1]:9585", "::1", 9585),
+        ("localhost:1", "localhost", 1),
+        ("0.0.0.0:9585", "0.0.0.0", 9585),
+        ("[::]:80", "::", 80),
+    ],
 )
 def test_parse_listen(text: str, host: str, port: int) -> None:
     assert cfg.parse_listen(text) == (host, port)
@@ -761,8 +1133,10 @@ def test_check_files_refuses_keys_open_to_others(tmp_path: Path, mode: int) -> N
     conf = write_config(tmp_path, service_extra='preshared_key_file = "psk"')
     write_key(tmp_path / "probe.key", KEY + "\n", mode)
     write_key(tmp_path / "psk", psk + "\n", mode)
-    too_open = (f"permissions {mode:04o} are too open: a key must not be accessible by "
-                "group or others (chmod 600)")
+    too_open = (
+        f"permissions {mode:04o} are too open: a key must not be accessible by "
+        "group or others (chmod 600)"
+    )
     assert check_files(conf) == [
         f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: {too_open}",
         f"{conf.path}: service[0].preshared_key_file: {tmp_path / 'psk'}: {too_open}",
@@ -799,13 +1173,27 @@ scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.sampled_from(["nftables", "sticky", "preempt", "masquerade", "10.0.0.2:51820",
-                     "[2001:db8::1]:51820", KEY, "", "eth0", "a", "wg0"]),
+    st.sampled_from(
+        [
+            "nftables",
+            "sticky",
+            "preempt",
+            "masquerade",
+            "10.0.0.2:51820",
+            "[2001:db8::1]:51820",
+            KEY,
+            "",
+            "eth0",
+            "a",
+            "wg0",
+        ]
+    ),
     st.dates(),
     st.datetimes(),
 )
-KNOWN_KEYS = sorted(set(cfg._ROOT_KEYS + cfg._DAEMON_KEYS + cfg._PROBE_KEYS + cfg._SERVICE_KEYS
-                        + cfg._BACKEND_KEYS))
+KNOWN_KEYS = sorted(
+    set(cfg._ROOT_KEYS + cfg._DAEMON_KEYS + cfg._PROBE_KEYS + cfg._SERVICE_KEYS + cfg._BACKEND_KEYS)
+)
 keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=10))
 values = st.recursive(
     scalars,
@@ -867,15 +1255,50 @@ def test_mutated_valid_config_only_raises_config_error(
 
 
 toml_lines = st.one_of(
-    st.sampled_from(["[daemon]", "[probe]", "[[service]]", "[service.probe]",
-                     "[[service.backend]]", "[service]", "[[daemon]]", '["quoted key"]',
-                     '"""', "x = '''", "[a.b.c]", "[[service.backend.x]]", "# comment", ""]),
+    st.sampled_from(
+        [
+            "[daemon]",
+            "[probe]",
+            "[[service]]",
+            "[service.probe]",
+            "[[service.backend]]",
+            "[service]",
+            "[[daemon]]",
+            '["quoted key"]',
+            '"""',
+            "x = '''",
+            "[a.b.c]",
+            "[[service.backend.x]]",
+            "# comment",
+            "",
+        ]
+    ),
     st.builds(
         lambda k, v: f"{k} = {v}",
         st.sampled_from([*KNOWN_KEYS, "a.b", '"q.k"', "probe.rise", "x"]),
-        st.sampled_from(['"nftables"', "1", "0", "-1", "1.5", "true", "inf", "nan",
-                         f'"{KEY}"', '"10.0.0.2:51820"', '"[::1]:1"', '"203.0.113.10:51820"',
-                         "[]", "{}", '{ name = "a" }', '"wg0"', '"a"', "1979-05-27", '""']),
+        st.sampled_from(
+            [
+                '"nftables"',
+                "1",
+                "0",
+                "-1",
+                "1.5",
+                "true",
+                "inf",
+                "nan",
+                f'"{KEY}"',
+                '"10.0.0.2:51820"',
+                '"[::1]:1"',
+                '"203.0.113.10:51820"',
+                "[]",
+                "{}",
+                '{ name = "a" }',
+                '"wg0"',
+                '"a"',
+                "1979-05-27",
+                '""',
+            ]
+        ),
     ),
     st.text(max_size=30),
 )
@@ -941,7 +1364,7 @@ def test_config_larger_than_the_limit_is_refused_unread(tmp_path: Path) -> None:
 
 
 def test_a_backend_address_in_two_services_is_refused(tmp_path: Path) -> None:
-    second = MINIMAL.replace('name = "wg0"', 'name = "wg1"').replace(":51820\"\n", ":51821\"\n", 1)
+    second = MINIMAL.replace('name = "wg0"', 'name = "wg1"').replace(':51820"\n', ':51821"\n', 1)
     path = tmp_path / "natfail.toml"
     path.write_text(MINIMAL + "\n" + second)
     with pytest.raises(ConfigError) as info:

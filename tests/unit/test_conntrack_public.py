@@ -28,10 +28,16 @@ FOREIGN = Endpoint.parse("10.0.0.9:4000")
 
 
 def test_tally_counts_by_reply_source() -> None:
-    pairs = [(PUBLIC, PUBLIC), (PUBLIC, BACKEND), (PUBLIC, BACKEND), (PUBLIC, FOREIGN),
-             (PUBLIC, PUBLIC)]
+    pairs = [
+        (PUBLIC, PUBLIC),
+        (PUBLIC, BACKEND),
+        (PUBLIC, BACKEND),
+        (PUBLIC, FOREIGN),
+        (PUBLIC, PUBLIC),
+    ]
     assert tally_public_flows(PUBLIC, pairs) == PublicFlows(
-        5, 2, {PUBLIC: 2, BACKEND: 2, FOREIGN: 1})
+        5, 2, {PUBLIC: 2, BACKEND: 2, FOREIGN: 1}
+    )
 
 
 def test_tally_ignores_other_destinations() -> None:

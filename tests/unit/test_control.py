@@ -341,7 +341,8 @@ def test_every_user_but_root_shares_a_bounded_pool(monkeypatch: pytest.MonkeyPat
             held_total = 0
             for i in range(users):
                 pid, held, hold = await asyncio.to_thread(
-                    _hold_connections, path, NOBODY - 100 - i, control.PER_UID_CONNECTIONS)
+                    _hold_connections, path, NOBODY - 100 - i, control.PER_UID_CONNECTIONS
+                )
                 children.append((pid, hold))
                 held_total += held
             assert held_total == control.NONROOT_CONNECTIONS

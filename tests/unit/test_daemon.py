@@ -162,13 +162,16 @@ class ManualDaemon(Daemon):
 # --- config and rig ----------------------------------------------------------------------
 
 
-def _service(name: str, public: str, key: str, hook: Path,
-             backends: list[tuple[str, int]]) -> str:
-    text = (f'[[service]]\nname = "{name}"\npublic = "{public}"\n'
-            f'server_public_key = "{key}"\nnotify = "{hook}"\n')
+def _service(name: str, public: str, key: str, hook: Path, backends: list[tuple[str, int]]) -> str:
+    text = (
+        f'[[service]]\nname = "{name}"\npublic = "{public}"\n'
+        f'server_public_key = "{key}"\nnotify = "{hook}"\n'
+    )
     for backend, priority in backends:
-        text += (f'\n[[service.backend]]\nname = "{backend}"\n'
-                 f'address = "{ADDRESS[backend]}"\npriority = {priority}\n')
+        text += (
+            f'\n[[service.backend]]\nname = "{backend}"\n'
+            f'address = "{ADDRESS[backend]}"\npriority = {priority}\n'
+        )
     return text
 
 
@@ -193,17 +196,21 @@ class Rig:
         self.notifier = FakeNotifier()
         self.hooks = FakeHooks()
 
-    def text(self, wg1: bool = False, wg0: list[tuple[str, int]] | None = None,
-             state_dir: str = "state") -> str:
-        head = (f'[daemon]\nsocket = "{self.tmp}/natfail.sock"\n'
-                f'state_dir = "{self.tmp}/{state_dir}"\n\n'
-                f'[probe]\nprivate_key_file = "{self.tmp}/probe.key"\n'
-                "interval = 0.05\ntimeout = 0.02\nrise = 2\nfall = 2\n\n")
+    def text(
+        self, wg1: bool = False, wg0: list[tuple[str, int]] | None = None, state_dir: str = "state"
+    ) -> str:
+        head = (
+            f'[daemon]\nsocket = "{self.tmp}/natfail.sock"\n'
+            f'state_dir = "{self.tmp}/{state_dir}"\n\n'
+            f'[probe]\nprivate_key_file = "{self.tmp}/probe.key"\n'
+            "interval = 0.05\ntimeout = 0.02\nrise = 2\nfall = 2\n\n"
+        )
         backends = wg0 if wg0 is not None else [("a", 100), ("b", 50), ("c", 10)]
         text = head + _service("wg0", "203.0.113.10:51820", self.server_key, self.hook, backends)
         if wg1:
-            text += "\n" + _service("wg1", "203.0.113.11:51820", self.server_key, self.hook,
-                                    [("d", 100), ("e", 50)])
+            text += "\n" + _service(
+                "wg1", "203.0.113.11:51820", self.server_key, self.hook, [("d", 100), ("e", 50)]
+            )
         return text
 
     def write(self, text: str) -> cfg.Config:
@@ -212,8 +219,15 @@ class Rig:
 
     def daemon(self, kind: type[Daemon] = ManualDaemon, text: str | None = None) -> Daemon:
         config = self.write(text if text is not None else self.text())
-        return kind(config, dataplane=self.dp, conntrack=self.ct, transport=self.transport,
-                    notifier=self.notifier, hooks=self.hooks, check_interval=0.1)
+        return kind(
+            config,
+            dataplane=self.dp,
+            conntrack=self.ct,
+            transport=self.transport,
+            notifier=self.notifier,
+            hooks=self.hooks,
+            check_interval=0.1,
+        )
 
     def set_up(self, **backends: bool) -> None:
         for name, up in backends.items():
@@ -510,8 +524,14 @@ def test_switch_or_drain_the_firewall_refuses_changes_nothing(rig: Rig) -> None:
             for command in ("switch", "drain"):
                 rig.dp.fail_next = 1
                 with pytest.raises(RequestError) as refused:
-                    await d._handle({"command": command, "service": "wg0", "backend":
-                                     "b" if command == "switch" else "a"}, ROOT)
+                    await d._handle(
+                        {
+                            "command": command,
+                            "service": "wg0",
+                            "backend": "b" if command == "switch" else "a",
+                        },
+                        ROOT,
+                    )
                 assert refused.value.code == 1 and "nothing changed" in str(refused.value)
                 assert rt.active == "a" and rt.pin is None and rt.drained == set()
             # and the next round does not carry either out behind the operator's back
@@ -528,8 +548,9 @@ def test_switch_refuses_a_drained_backend_even_forced(rig: Rig) -> None:
             await up_on_a(rig, d)
             await d._handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
             with pytest.raises(RequestError, match="drained"):
-                await d._handle({"command": "switch", "service": "wg0", "backend": "b",
-                                 "force": True}, ROOT)
+                await d._handle(
+                    {"command": "switch", "service": "wg0", "backend": "b", "force": True}, ROOT
+                )
             assert d.services["wg0"].active == "a"
 
     asyncio.run(main())
@@ -599,8 +620,11 @@ def test_status_matches_the_contract(rig: Rig) -> None:
                 assert {"name", "address", "state", "rtt_ms", "since"} <= set(b)
                 assert b["state"] in ("up", "down", "unknown", "drained")
                 assert isinstance(b["since"], str) and b["since"]
-            assert {n: b["state"] for n, b in backends.items()} == \
-                {"a": "up", "b": "drained", "c": "down"}
+            assert {n: b["state"] for n, b in backends.items()} == {
+                "a": "up",
+                "b": "drained",
+                "c": "down",
+            }
             assert backends["a"]["address"] == A
             assert backends["a"]["rtt_ms"] == pytest.approx(1.5)
             assert backends["c"]["rtt_ms"] is None
@@ -760,8 +784,7 @@ def test_reconcile_repairs_a_flushed_ruleset(rig: Rig, caplog: pytest.LogCapture
             await d.reconcile("test")
             assert len(rig.dp.applied) == applied + 1
             assert dnat_of(rig.dp.installed) == A
-            assert any("repaired" in r.message and "(test)" in r.message
-                       for r in caplog.records)
+            assert any("repaired" in r.message and "(test)" in r.message for r in caplog.records)
             # no probe round reads the firewall: drift waits for the periodic check
             reads = rig.dp.reads
             await rounds(d, 10)
@@ -798,8 +821,9 @@ def test_keys_stay_out_of_logs_status_and_errors(
     psk = base64.b64encode(os.urandom(32)).decode()
     (rig.tmp / "probe.psk").write_text(psk + "\n")
     (rig.tmp / "probe.psk").chmod(0o600)
-    text = rig.text().replace("server_public_key",
-                              f'preshared_key_file = "{rig.tmp}/probe.psk"\nserver_public_key')
+    text = rig.text().replace(
+        "server_public_key", f'preshared_key_file = "{rig.tmp}/probe.psk"\nserver_public_key'
+    )
     probe_key = (rig.tmp / "probe.key").read_text().strip()
     secrets = [probe_key, psk]
     secrets += [base64.b64decode(s).hex() for s in secrets]

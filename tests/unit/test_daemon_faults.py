@@ -170,8 +170,11 @@ def test_a_reload_renaming_the_active_backend_keeps_its_rule(rig: Rig) -> None:
             rig.set_up(b=False, c=False)
             await rounds(d, 2)
             applied, cleanups = len(rig.dp.applied), len(rig.cleanups())
-            rig.path.write_text(rig.text(wg0=[("a", 100), ("b", 50), ("c", 10)])
-                                .replace('name = "a"', 'name = "a2"'))
+            rig.path.write_text(
+                rig.text(wg0=[("a", 100), ("b", 50), ("c", 10)]).replace(
+                    'name = "a"', 'name = "a2"'
+                )
+            )
             await d.reload()
             assert rt.active == "a2"
             assert rt.health["a2"].state is HealthState.UP  # same address, same verdict
@@ -228,16 +231,20 @@ def test_force_must_be_a_boolean(rig: Rig) -> None:
             await rounds(d, 2)
             for value in ("false", 0, 1, None, "yes"):
                 with pytest.raises(RequestError) as refused:
-                    await d._handle({"command": "switch", "service": "wg0", "backend": "c",
-                                     "force": value}, ROOT)
+                    await d._handle(
+                        {"command": "switch", "service": "wg0", "backend": "c", "force": value},
+                        ROOT,
+                    )
                 assert refused.value.code == 2
                 assert "force must be true or false" in str(refused.value)
             assert d.services["wg0"].active == "a"
             with pytest.raises(RequestError, match="use --force"):
-                await d._handle({"command": "switch", "service": "wg0", "backend": "c",
-                                 "force": False}, ROOT)
-            reply = await d._handle({"command": "switch", "service": "wg0", "backend": "c",
-                                     "force": True}, ROOT)
+                await d._handle(
+                    {"command": "switch", "service": "wg0", "backend": "c", "force": False}, ROOT
+                )
+            reply = await d._handle(
+                {"command": "switch", "service": "wg0", "backend": "c", "force": True}, ROOT
+            )
             assert reply["active"] == "c"
 
     asyncio.run(main())
@@ -305,8 +312,15 @@ def test_after_a_stall_probe_rounds_do_not_come_back_to_back(rig: Rig) -> None:
 
     async def main() -> None:
         config = rig.write(text)
-        d = ManualDaemon(config, dataplane=rig.dp, conntrack=rig.ct, transport=rig.transport,
-                         notifier=rig.notifier, hooks=rig.hooks, monotonic=clock)
+        d = ManualDaemon(
+            config,
+            dataplane=rig.dp,
+            conntrack=rig.ct,
+            transport=rig.transport,
+            notifier=rig.notifier,
+            hooks=rig.hooks,
+            monotonic=clock,
+        )
         starts: list[float] = []
         original = d._probe_round
 
@@ -334,9 +348,7 @@ def test_equally_lossy_backends_do_not_flap_traffic(rig: Rig) -> None:
     loss = {A: 0.5, ADDRESS["b"]: 0.5, ADDRESS["c"]: 0.5}
 
     class Lossy(FakeTransport):
-
-        async def probe(self, keys: object, target: cfg.Endpoint,
-                        timeout: float) -> ProbeResult:
+        async def probe(self, keys: object, target: cfg.Endpoint, timeout: float) -> ProbeResult:
             if rng.random() < loss[str(target)]:
                 return ProbeResult(False, "timeout")
             return ProbeResult(True, "ok", 0.001)
@@ -417,8 +429,7 @@ def test_a_probe_in_flight_across_a_reload_is_not_counted_for_the_new_address(
     release = asyncio.Event()
 
     class Slow(FakeTransport):
-        async def probe(self, keys: object, target: cfg.Endpoint,
-                        timeout: float) -> ProbeResult:
+        async def probe(self, keys: object, target: cfg.Endpoint, timeout: float) -> ProbeResult:
             if str(target) == A:
                 await release.wait()
             return await super().probe(keys, target, timeout)  # type: ignore[arg-type]

@@ -269,9 +269,7 @@ def test_matches_reference_model(results: list[bool], rise: int, fall: int) -> N
     rise=st.integers(1, 5),
     fall=st.integers(1, 5),
 )
-def test_no_state_change_without_a_full_streak(
-    results: list[bool], rise: int, fall: int
-) -> None:
+def test_no_state_change_without_a_full_streak(results: list[bool], rise: int, fall: int) -> None:
     h = BackendHealth.initial(0.0)
     for i, ok in enumerate(results, 1):
         new = observe(h, ok, float(i), rise, fall)

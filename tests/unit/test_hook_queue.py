@@ -25,7 +25,7 @@ def _recorder(tmp_path: Path, pause: float = 0.01) -> tuple[Path, Path]:
     hook.write_text(
         "#!/bin/sh\n"
         f"mkdir {lock} 2>/dev/null || echo overlap >> {out}\n"
-        f"echo \"$NATFAIL_SERVICE\" >> {out}\n"
+        f'echo "$NATFAIL_SERVICE" >> {out}\n'
         f"sleep {pause}\n"
         f"rmdir {lock}\n"
     )
@@ -79,8 +79,9 @@ def test_submissions_while_a_hook_runs_queue_behind_it(tmp_path: Path) -> None:
     assert _lines(out) == [f"s{i}" for i in range(11)]
 
 
-def test_a_full_queue_drops_the_oldest_with_one_line(tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_queue_drops_the_oldest_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook, out = _recorder(tmp_path)
 
     async def main() -> None:
@@ -96,7 +97,8 @@ def test_a_full_queue_drops_the_oldest_with_one_line(tmp_path: Path,
 
 
 def test_close_lets_the_running_hook_finish_and_drops_the_queued(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook, out = _recorder(tmp_path, pause=2.0)
 
     async def main() -> None:
@@ -116,8 +118,9 @@ def test_close_lets_the_running_hook_finish_and_drops_the_queued(
     assert "the daemon is stopping" in caplog.text
 
 
-def test_close_kills_a_running_hook_at_its_time_limit(tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_close_kills_a_running_hook_at_its_time_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook = tmp_path / "hook"
     started = tmp_path / "started"
     hook.write_text(f"#!/bin/sh\ntouch {started}\nexec sleep 30\n")
@@ -146,7 +149,8 @@ def test_close_with_nothing_submitted_and_twice() -> None:
 
 
 def test_submit_outside_a_running_loop_neither_raises_nor_runs(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook, out = _recorder(tmp_path)
     caplog.set_level(logging.WARNING)
     SubprocessHookRunner().submit(hook, _event(0))
@@ -155,7 +159,8 @@ def test_submit_outside_a_running_loop_neither_raises_nor_runs(
 
 
 def test_a_hook_that_cannot_start_does_not_stop_the_queue(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook, out = _recorder(tmp_path)
 
     async def main() -> None:

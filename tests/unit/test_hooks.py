@@ -28,17 +28,23 @@ def _script(tmp_path: Path, body: str) -> Path:
 
 def test_hook_gets_argv_and_environment_without_a_shell(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
-    hook = _script(tmp_path, (
-        "import json, os, sys\n"
-        f"json.dump({{'argv': sys.argv[1:], 'env': {{k: v for k, v in os.environ.items()"
-        f" if k.startswith('NATFAIL_')}}}}, open({str(out)!r}, 'w'))"
-    ))
+    hook = _script(
+        tmp_path,
+        (
+            "import json, os, sys\n"
+            f"json.dump({{'argv': sys.argv[1:], 'env': {{k: v for k, v in os.environ.items()"
+            f" if k.startswith('NATFAIL_')}}}}, open({str(out)!r}, 'w'))"
+        ),
+    )
     assert asyncio.run(SubprocessHookRunner().run(hook, EVENT))
     seen = json.loads(out.read_text())
     assert seen["argv"] == ["wg0", "a", "b", "failover"]
     assert seen["env"] == {
-        "NATFAIL_SERVICE": "wg0", "NATFAIL_FROM": "a", "NATFAIL_TO": "b",
-        "NATFAIL_TO_ADDRESS": "10.0.0.3:51820", "NATFAIL_REASON": "failover",
+        "NATFAIL_SERVICE": "wg0",
+        "NATFAIL_FROM": "a",
+        "NATFAIL_TO": "b",
+        "NATFAIL_TO_ADDRESS": "10.0.0.3:51820",
+        "NATFAIL_REASON": "failover",
     }
 
 
@@ -91,8 +97,9 @@ async def _until(check: Callable[[], bool], limit: float = 10.0) -> bool:
     return True
 
 
-def test_endless_output_is_capped_and_the_hook_killed(tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_endless_output_is_capped_and_the_hook_killed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     hook = _sh(tmp_path, "hook", "exec yes")
     runner = SubprocessHookRunner(timeout=1.0)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -132,8 +139,9 @@ def test_a_background_child_holding_stdout_does_not_hold_the_verdict(tmp_path: P
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
-def test_a_background_child_does_not_hide_a_failure(tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_a_background_child_does_not_hide_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pidfile = tmp_path / "child.pid"
     hook = _sh(tmp_path, "hook", f"sleep 30 &\necho $! > {pidfile}\necho no pager\nexit 4")
     try:

@@ -42,9 +42,12 @@ _HOLDER = textwrap.dedent("""
 
 
 def _holder(directory: Path, mode: str = "plain") -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(directory), mode],
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(directory), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout is not None
     pid, child = proc.stdout.readline().split()
     assert int(pid) == proc.pid
@@ -83,13 +86,20 @@ def test_a_dead_holder_leaves_no_stale_lock(
     try:
         assert lock.held and (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
         # and it holds against the next process
-        probe = ("import sys; from pathlib import Path; "
-                 "from natfail.io.instance_lock import InstanceLock, LockError\n"
-                 "try:\n    InstanceLock.acquire(Path(sys.argv[1]))\n"
-                 "except LockError as e:\n    print(e)")
-        second = subprocess.run([sys.executable, "-c", probe, str(tmp_path)],
-                                capture_output=True, text=True, check=True, timeout=30,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        probe = (
+            "import sys; from pathlib import Path; "
+            "from natfail.io.instance_lock import InstanceLock, LockError\n"
+            "try:\n    InstanceLock.acquire(Path(sys.argv[1]))\n"
+            "except LockError as e:\n    print(e)"
+        )
+        second = subprocess.run(
+            [sys.executable, "-c", probe, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert second.stdout == f"another natfail (pid {os.getpid()}) is running\n"
     finally:
         lock.release()
@@ -148,14 +158,20 @@ def test_natfail_refuses_to_start_beside_a_running_one(
     conf = write_valid(tmp_path)
     run = tmp_path / "run"
     state = tmp_path / "state"
-    conf.write_text(f'[daemon]\nsocket = "{run / "natfail.sock"}"\n'
-                    f'state_dir = "{state}"\n' + conf.read_text())
+    conf.write_text(
+        f'[daemon]\nsocket = "{run / "natfail.sock"}"\nstate_dir = "{state}"\n' + conf.read_text()
+    )
     run.mkdir()
     first, _ = _holder(run)
     holders.append(first)
-    proc = subprocess.run([sys.executable, "-m", "natfail", "-c", str(conf)],
-                          capture_output=True, text=True, timeout=60, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "natfail", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"natfail: another natfail (pid {first.pid}) is running"]
     assert proc.stdout == ""

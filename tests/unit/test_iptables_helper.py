@@ -81,12 +81,16 @@ def helper() -> Iterator[_FamilyProcess]:
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == iptables.__name__ and r.levelno == logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == iptables.__name__ and r.levelno == logging.WARNING
+    ]
 
 
 def test_a_killed_helper_is_replaced_and_the_call_answered(
-        helper: _FamilyProcess, caplog: pytest.LogCaptureFixture) -> None:
+    helper: _FamilyProcess, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, iptables.__name__)
     first = helper.pid
     assert helper.call("read") == (4, first)
@@ -102,7 +106,8 @@ def test_a_killed_helper_is_replaced_and_the_call_answered(
 
 
 def test_a_helper_that_dies_in_the_middle_of_a_request_is_asked_again(
-        helper: _FamilyProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    helper: _FamilyProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, iptables.__name__)
     first = helper.pid
     assert helper.call("exit_once", str(tmp_path / "died"), 3) == "answered by the new helper"
@@ -112,7 +117,8 @@ def test_a_helper_that_dies_in_the_middle_of_a_request_is_asked_again(
 
 
 def test_a_helper_that_dies_again_at_once_is_one_error_and_the_next_call_recovers(
-        helper: _FamilyProcess, caplog: pytest.LogCaptureFixture) -> None:
+    helper: _FamilyProcess, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, iptables.__name__)
     with pytest.raises(DataplaneError) as err:
         helper.call("exit_always", 7)
@@ -126,8 +132,8 @@ def test_a_helper_that_dies_again_at_once_is_one_error_and_the_next_call_recover
 
 
 def test_an_interrupted_request_does_not_leave_its_reply_for_the_next_one(
-        helper: _FamilyProcess, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    helper: _FamilyProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, iptables.__name__)
     first = helper.pid
     conn = helper._conn
@@ -149,8 +155,8 @@ def test_an_interrupted_request_does_not_leave_its_reply_for_the_next_one(
 
 
 def test_when_no_helper_can_be_started_the_call_fails_with_one_line_and_a_later_one_works(
-        helper: _FamilyProcess, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+    helper: _FamilyProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, iptables.__name__)
     first = helper.pid
     tries: list[int] = []
@@ -255,7 +261,8 @@ def test_helper_ends_quietly_on_eof(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_helper_ends_quietly_when_the_daemon_left_its_reply_unread(
-        capfd: pytest.CaptureFixture[str]) -> None:
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     """A daemon killed with a reply unread: the helper's next read is
     ConnectionResetError (the traceback seen at teardown of a SIGKILL test)."""
     ours, proc = _bare_helper()
@@ -266,7 +273,8 @@ def test_helper_ends_quietly_when_the_daemon_left_its_reply_unread(
 
 
 def test_helper_ends_quietly_when_the_daemon_goes_before_the_reply(
-        capfd: pytest.CaptureFixture[str]) -> None:
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     ours, proc = _bare_helper()
     ours.send(("slow", (0.3,)))
     ours.close()  # its reply then meets a closed channel: BrokenPipeError

@@ -17,12 +17,15 @@ def _nested(levels: int, opener: str = "[", closer: str = "]") -> str:
     return opener * levels + closer * levels
 
 
-@pytest.mark.parametrize("text", [
-    "[" * 60_000,  # unclosed: json.loads itself raises RecursionError on it
-    _nested(60_000),
-    '{"a":' * 70 + "1" + "}" * 70,
-    "[" * 65 + "]" * 65,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 60_000,  # unclosed: json.loads itself raises RecursionError on it
+        _nested(60_000),
+        '{"a":' * 70 + "1" + "}" * 70,
+        "[" * 65 + "]" * 65,
+    ],
+)
 def test_too_deep_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError, match=r"^JSON nested deeper than 64 levels$"):
         jsonlimit.loads(text)
@@ -35,13 +38,16 @@ def test_without_the_bound_json_recurses() -> None:
         json.loads("[" * 60_000)
 
 
-@pytest.mark.parametrize("text", [
-    _nested(64),
-    '"' + "[" * 1000 + '"',  # brackets in a string do not count
-    '["\\"' + "[" * 1000 + '"]',  # nor after an escaped quote
-    '["\\\\", ' + _nested(63) + "]",  # an escaped backslash ends before the quote
-    '{"k[": "{{{{", "v": [[1]]}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        _nested(64),
+        '"' + "[" * 1000 + '"',  # brackets in a string do not count
+        '["\\"' + "[" * 1000 + '"]',  # nor after an escaped quote
+        '["\\\\", ' + _nested(63) + "]",  # an escaped backslash ends before the quote
+        '{"k[": "{{{{", "v": [[1]]}',
+    ],
+)
 def test_within_the_bound_parses_as_json(text: str) -> None:
     assert jsonlimit.loads(text) == json.loads(text)
 
@@ -76,8 +82,10 @@ def test_depth() -> None:
 
 _json: Any = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n\u015b'),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(alphabet='[]{}"\\a'), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(alphabet='[]{}"\\a'), inner, max_size=3)
+    ),
     max_leaves=30,
 )
 

@@ -83,22 +83,30 @@ def test_the_loop_handler(caplog: pytest.LogCaptureFixture) -> None:
         loop_errors.install(loop, clock=clock)
         emfile = OSError(errno.EMFILE, "Too many open files")
         for _ in range(500):
-            loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                         "exception": emfile, "socket": object()})
+            loop.call_exception_handler(
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": emfile,
+                    "socket": object(),
+                }
+            )
         try:
             raise RuntimeError("a bug")
         except RuntimeError as exc:
             bug = exc
         for _ in range(3):
-            loop.call_exception_handler({"message": "Task exception was never retrieved",
-                                         "exception": bug})
+            loop.call_exception_handler(
+                {"message": "Task exception was never retrieved", "exception": bug}
+            )
         loop.call_exception_handler({"message": "no exception here"})
         clock.now += 60.0
         # the next of each kind, once due, writes the count
-        loop.call_exception_handler({"message": "socket.accept() out of system resource",
-                                     "exception": emfile})
-        loop.call_exception_handler({"message": "Task exception was never retrieved",
-                                     "exception": bug})
+        loop.call_exception_handler(
+            {"message": "socket.accept() out of system resource", "exception": emfile}
+        )
+        loop.call_exception_handler(
+            {"message": "Task exception was never retrieved", "exception": bug}
+        )
 
     with caplog.at_level(logging.INFO, logger="natfail"):
         asyncio.run(main())
@@ -124,8 +132,9 @@ def test_a_pending_count_is_written_by_a_timer_on_the_loop(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def main() -> None:
-        repeats = RepeatLog(logging.getLogger("natfail.test"), interval=0.2,
-                            loop=asyncio.get_running_loop())
+        repeats = RepeatLog(
+            logging.getLogger("natfail.test"), interval=0.2, loop=asyncio.get_running_loop()
+        )
         for _ in range(5):
             repeats.report("same")
         await asyncio.sleep(1.0)
@@ -181,9 +190,14 @@ _SERVER = textwrap.dedent("""
 
 
 def _starved(mode: str, path: Path, seconds: float) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, mode, str(path), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, mode, str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n", proc.communicate()
     return proc
@@ -198,6 +212,7 @@ def test_unix_servers_out_of_descriptors_log_once(tmp_path: Path, mode: str) -> 
     path = tmp_path / "ctl.sock"
     proc = _starved(mode, path, 60.0)
     try:
+
         def connect() -> socket.socket:
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(path))
@@ -240,8 +255,7 @@ def test_the_metrics_listener_out_of_descriptors_logs_once(tmp_path: Path) -> No
 
         def scrape() -> bool:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=2) as reply:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
                     return bool(reply.status == 200)
             except OSError:
                 return False

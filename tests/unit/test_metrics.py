@@ -57,8 +57,9 @@ def test_serves_http_on_loopback() -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             _scrape(port, "/nope")
         assert err.value.code == 404
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
-                                         headers={"Accept-Encoding": "gzip"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": "gzip"}
+        )
         with urllib.request.urlopen(request, timeout=10) as reply:
             assert reply.headers["Content-Encoding"] == "gzip"
             assert b"natfail_backend_up" in gzip.decompress(reply.read())
@@ -72,9 +73,11 @@ def test_serves_http_on_loopback() -> None:
 def test_garbage_and_oversized_requests_get_an_error() -> None:
     m, port = _serving()
     try:
-        for payload, status in ((b"hello\r\n\r\n", b"400"), (b"POST /metrics HTTP/1.1\r\n\r\n",
-                                                            b"405"),
-                                (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000, b"431")):
+        for payload, status in (
+            (b"hello\r\n\r\n", b"400"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+            (b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000, b"431"),
+        ):
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(payload)
                 assert s.recv(64).split()[1] == status

@@ -185,6 +185,7 @@ def _recording_opener(
 def test_cookie_reply_is_answered_with_mac2_at_once(tmp_path: Path) -> None:
     """Under load: a cookie reply, then at once (20 ms after the first) a
     second initiation with mac2 from the same port, and its response."""
+
     async def main() -> None:
         responder, keys, _ = _setup(tmp_path)
         responder.under_load = True
@@ -219,6 +220,7 @@ def test_cookie_reply_is_answered_with_mac2_at_once(tmp_path: Path) -> None:
 def test_cookie_only_answers_are_a_failure(tmp_path: Path) -> None:
     """A fake backend that knows only the server's public key can answer
     every initiation with a valid cookie reply: that is not up."""
+
     async def main() -> None:
         responder, keys, _ = _setup(tmp_path)
         opened: list[_RecordingSocket] = []
@@ -276,6 +278,7 @@ def test_our_own_socket_errors_are_local(tmp_path: Path, number: int) -> None:
 def test_a_send_our_host_refuses_is_local(tmp_path: Path, number: int) -> None:
     """EPERM is what a local firewall's drop on output returns: still not
     the backend's fault."""
+
     async def main() -> None:
         responder, keys, _ = _setup(tmp_path)
         opened: list[_RecordingSocket] = []
@@ -296,6 +299,7 @@ def test_a_send_our_host_refuses_is_local(tmp_path: Path, number: int) -> None:
 def test_a_pending_icmp_error_does_not_fail_the_send(tmp_path: Path) -> None:
     """An earlier ICMP error fails the next send once with ECONNREFUSED:
     the initiation is sent again and its response counts."""
+
     async def main() -> None:
         responder, keys, _ = _setup(tmp_path)
         opened: list[_RecordingSocket] = []
@@ -356,7 +360,10 @@ asyncio.run(main())
 def test_real_emfile_is_local() -> None:
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
-        [sys.executable, "-c", _EMFILE_SCRIPT], capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", _EMFILE_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(repo)},
     )
     assert proc.returncode == 0, proc.stderr
@@ -415,19 +422,29 @@ def test_corrupt_timestamp_file_starts_from_the_clock(tmp_path: Path, content: b
     assert path.read_bytes() == clock.last
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(junk=st.lists(st.one_of(
-    st.binary(max_size=200),
-    # the sizes and first byte of real messages, the rest random
-    st.sampled_from([1, 2, 3, 4]).flatmap(
-        lambda t: st.sampled_from([32, 64, 92, 148]).flatmap(
-            lambda n: st.binary(min_size=n - 1, max_size=n - 1).map(
-                lambda rest: bytes([t]) + rest))),
-), max_size=5))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    junk=st.lists(
+        st.one_of(
+            st.binary(max_size=200),
+            # the sizes and first byte of real messages, the rest random
+            st.sampled_from([1, 2, 3, 4]).flatmap(
+                lambda t: st.sampled_from([32, 64, 92, 148]).flatmap(
+                    lambda n: st.binary(min_size=n - 1, max_size=n - 1).map(
+                        lambda rest: bytes([t]) + rest
+                    )
+                )
+            ),
+        ),
+        max_size=5,
+    )
+)
 def test_random_datagrams_are_only_ignored(tmp_path: Path, junk: list[bytes]) -> None:
     """Whatever arrives before the real response is counted and dropped: the
     probe neither fails nor raises, and the real response still counts."""
+
     async def main() -> None:
         responder, keys, transport = _setup(tmp_path)
         real = _answer(responder)

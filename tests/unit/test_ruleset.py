@@ -13,22 +13,38 @@ from natfail.core import ruleset
 from natfail.core.ruleset import Ruleset, RulesetError
 
 
-def svc(name: str, public: str, backends: list[tuple[str, str]], *, iif: str | None = None,
-        source_nat: str = "preserve") -> Service:
+def svc(
+    name: str,
+    public: str,
+    backends: list[tuple[str, str]],
+    *,
+    iif: str | None = None,
+    source_nat: str = "preserve",
+) -> Service:
     return Service(
-        name=name, public=Endpoint.parse(public), inbound_interface=iif,
-        server_public_key=b"\0" * 32, preshared_key_file=None, failback="sticky",
-        preempt_delay=30.0, source_nat=source_nat,  # type: ignore[arg-type]
-        notify=None, probe=ProbeSettings(),
-        backends=tuple(Backend(n, Endpoint.parse(a), 100 - i) for i, (n, a) in
-                       enumerate(backends)),
+        name=name,
+        public=Endpoint.parse(public),
+        inbound_interface=iif,
+        server_public_key=b"\0" * 32,
+        preshared_key_file=None,
+        failback="sticky",
+        preempt_delay=30.0,
+        source_nat=source_nat,  # type: ignore[arg-type]
+        notify=None,
+        probe=ProbeSettings(),
+        backends=tuple(Backend(n, Endpoint.parse(a), 100 - i) for i, (n, a) in enumerate(backends)),
     )
 
 
 S = [
     svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.3:51820")]),
-    svc("wg6", "[2001:db8::10]:51820", [("a", "[fd00::2]:51820"), ("b", "[fd00::3]:51820")],
-        iif="eth0", source_nat="masquerade"),
+    svc(
+        "wg6",
+        "[2001:db8::10]:51820",
+        [("a", "[fd00::2]:51820"), ("b", "[fd00::3]:51820")],
+        iif="eth0",
+        source_nat="masquerade",
+    ),
 ]
 
 names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", fullmatch=True)
@@ -57,11 +73,16 @@ def test_mark_collision_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build() -> None:
     rs = ruleset.build(S, {"wg0": "a", "wg6": "b"})
     assert {(d.service, d.backend_name, str(d.backend)) for d in rs.dnat} == {
-        ("wg0", "a", "10.0.0.2:51820"), ("wg6", "b", "[fd00::3]:51820")}
+        ("wg0", "a", "10.0.0.2:51820"),
+        ("wg6", "b", "[fd00::3]:51820"),
+    }
     # SNAT for every backend, active or not, towards the public endpoint
     assert {(str(s.backend), str(s.public)) for s in rs.snat} == {
-        ("10.0.0.2:51820", "203.0.113.10:51820"), ("10.0.0.3:51820", "203.0.113.10:51820"),
-        ("[fd00::2]:51820", "[2001:db8::10]:51820"), ("[fd00::3]:51820", "[2001:db8::10]:51820")}
+        ("10.0.0.2:51820", "203.0.113.10:51820"),
+        ("10.0.0.3:51820", "203.0.113.10:51820"),
+        ("[fd00::2]:51820", "[2001:db8::10]:51820"),
+        ("[fd00::3]:51820", "[2001:db8::10]:51820"),
+    }
     assert {m.backend_name for m in rs.masquerade} == {"a", "b"}
     assert all(m.service == "wg6" for m in rs.masquerade)
     d6 = next(d for d in rs.dnat if d.service == "wg6")
@@ -93,8 +114,10 @@ def test_duplicate_public_or_backend_refused() -> None:
 def test_active_from_adopts_only_what_matches_the_config() -> None:
     rs = ruleset.build(S, {"wg0": "b", "wg6": "a"})
     assert ruleset.active_from(rs, S) == {"wg0": "b", "wg6": "a"}
-    moved = [svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"),
-                                                ("b", "10.0.0.99:51820")]), S[1]]
+    moved = [
+        svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.99:51820")]),
+        S[1],
+    ]
     assert ruleset.active_from(rs, moved) == {"wg6": "a"}
 
 
@@ -142,8 +165,14 @@ def test_nft_swap_is_element_replacement_only() -> None:
     b = ruleset.build(S, {"wg0": "b", "wg6": "a"})
     cmds = ruleset.nft_commands(a, b)
     ops = [(op, body["element"]["name"]) for c in cmds for op, body in c.items()]
-    assert ops == [("delete", "dnat4"), ("delete", "dnatport4"), ("delete", "mark4"),
-                   ("add", "dnat4"), ("add", "dnatport4"), ("add", "mark4")]
+    assert ops == [
+        ("delete", "dnat4"),
+        ("delete", "dnatport4"),
+        ("delete", "mark4"),
+        ("add", "dnat4"),
+        ("add", "dnatport4"),
+        ("add", "mark4"),
+    ]
     assert ruleset.nft_commands(b, b) == []
     full = ruleset.nft_full_commands(a, table_exists=False)
     parsed, _ = ruleset.nft_parse(_listing_after(full + cmds))
@@ -172,8 +201,7 @@ def test_iptables_rules() -> None:
     post = v4[ruleset.IPT_POST_CHAIN]
     assert [r.target[0] for r in post][:4] == ["CONNMARK", "SNAT", "CONNMARK", "SNAT"]
     v6 = ruleset.iptables_rules(rs, 6)
-    assert v6[ruleset.IPT_PRE_CHAIN][1].target == ("DNAT", (("to-destination",
-                                                             "[fd00::3]:51820"),))
+    assert v6[ruleset.IPT_PRE_CHAIN][1].target == ("DNAT", (("to-destination", "[fd00::3]:51820"),))
     assert v6[ruleset.IPT_PRE_CHAIN][0].in_interface == "eth0"
     assert sum(r.target[0] == "MASQUERADE" for r in v6[ruleset.IPT_POST_CHAIN]) == 2
     assert ruleset.iptables_rules(rs, 4) == v4  # deterministic order

@@ -22,8 +22,12 @@ from natfail.core.selector import (
 U, UP, D = HealthState.UNKNOWN, HealthState.UP, HealthState.DOWN
 
 
-def svc(a: HealthState = UP, b: HealthState = UP, c: HealthState = UP,
-        since: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[Candidate]:
+def svc(
+    a: HealthState = UP,
+    b: HealthState = UP,
+    c: HealthState = UP,
+    since: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> list[Candidate]:
     """a (100) > b (50) = c (50); b is before c in config order."""
     return [
         Candidate("a", 100, a, since[0]),
@@ -112,8 +116,9 @@ def test_failover_skips_drained() -> None:
 
 
 def test_failover_ignores_preempt_delay() -> None:
-    d = select(svc(a=D, since=(0, 99, 99)), current="a", now=100.0,
-               failback="preempt", preempt_delay=30.0)
+    d = select(
+        svc(a=D, since=(0, 99, 99)), current="a", now=100.0, failback="preempt", preempt_delay=30.0
+    )
     assert (d.active, d.reason) == ("b", "failover")
 
 
@@ -182,15 +187,15 @@ def test_preempt_moves_to_a_ripe_middle_backend_and_hints_the_best() -> None:
 
 
 def test_preempt_not_to_a_drained_backend() -> None:
-    d = select(svc(since=(0, 0, 0)), current="b", now=100.0, failback="preempt",
-               drained={"a"})
+    d = select(svc(since=(0, 0, 0)), current="b", now=100.0, failback="preempt", drained={"a"})
     assert (d.active, d.next_check) == ("b", None)
 
 
 def test_preempt_waits_for_a_flapping_better_backend() -> None:
     # A backend that went down and up again restarts its `since`.
-    d = select(svc(since=(95.0, 0, 0)), current="b", now=100.0, failback="preempt",
-               preempt_delay=30.0)
+    d = select(
+        svc(since=(95.0, 0, 0)), current="b", now=100.0, failback="preempt", preempt_delay=30.0
+    )
     assert (d.active, d.next_check) == ("b", 125.0)
 
 
@@ -424,8 +429,9 @@ def test_next_check_is_in_the_future(s: Scenario) -> None:
 # --- equally bad backends (rule 7, "no-better") ----------------------------------------
 
 
-def _lossy(name: str, priority: int, state: HealthState, loss: float,
-           failures: int = 0) -> Candidate:
+def _lossy(
+    name: str, priority: int, state: HealthState, loss: float, failures: int = 0
+) -> Candidate:
     return Candidate(name, priority, state, 0.0, loss, failures)
 
 
@@ -440,8 +446,11 @@ def test_a_down_active_goes_to_a_clean_backend_or_the_cleanest_lossy_one() -> No
     clean = [_lossy("a", 100, HealthState.DOWN, 0.1, 3), _lossy("b", 50, HealthState.UP, 0.2)]
     assert select(clean, current="a", now=10.0).active == "b"
     # the best by priority is as lossy as a; the next one is clean: it takes over
-    mixed = [_lossy("a", 100, HealthState.DOWN, 0.5, 3), _lossy("b", 50, HealthState.UP, 0.5),
-             _lossy("c", 10, HealthState.UP, 0.1)]
+    mixed = [
+        _lossy("a", 100, HealthState.DOWN, 0.5, 3),
+        _lossy("b", 50, HealthState.UP, 0.5),
+        _lossy("c", 10, HealthState.UP, 0.1),
+    ]
     assert select(mixed, current="a", now=10.0).active == "c"
 
 

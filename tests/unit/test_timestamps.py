@@ -74,9 +74,7 @@ def test_a_far_future_stamp_warns_once_and_is_counted_from(
     assert len(_records(caplog)) == 1
 
 
-def test_a_stamp_a_little_ahead_is_silent(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_stamp_a_little_ahead_is_silent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / timestamps.STATE_FILE
     path.write_bytes(tai64n.tai64n(NOW_NS + 3600 * 10**9))
     caplog.set_level(logging.DEBUG, logger=timestamps.__name__)
@@ -115,9 +113,7 @@ def test_a_fifo_in_its_place_does_not_hang(
     assert "not a regular file" in record.getMessage()
 
 
-def test_a_failing_save_is_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_failing_save_is_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     caplog.set_level(logging.DEBUG, logger=timestamps.__name__)
@@ -136,8 +132,9 @@ def test_next_never_raises_whatever_the_wall_clock(tmp_path: Path, wall: int) ->
     assert clock.next() > first
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     content=st.one_of(st.binary(max_size=20), st.binary(min_size=12, max_size=12)),
     walls=st.lists(st.integers(min_value=-(2**66), max_value=2**66), min_size=1, max_size=8),

@@ -20,15 +20,19 @@ MAX_EXPOSURE = 1.8
 
 analyze = shutil.which("systemd-analyze")
 # scripts/setup installs systemd; in CI its absence fails the tests instead of skipping them.
-needs_analyze = pytest.mark.skipif(analyze is None and not in_ci(),
-                                   reason="systemd-analyze is not installed")
+needs_analyze = pytest.mark.skipif(
+    analyze is None and not in_ci(), reason="systemd-analyze is not installed"
+)
 
 
 def _security(unit: Path) -> subprocess.CompletedProcess[str]:
     assert analyze is not None
     return subprocess.run(
         [analyze, "security", "--offline=true", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -59,12 +63,19 @@ def test_an_unknown_key_is_seen(tmp_path: Path) -> None:
 
 def test_the_unit_keeps_only_network_capabilities() -> None:
     """Holds without systemd-analyze too: the privileges the daemon is given."""
-    lines = {line.split("=", 1)[0]: line.split("=", 1)[1]
-             for line in UNIT.read_text().splitlines() if "=" in line and line[0].isalpha()}
+    lines = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and line[0].isalpha()
+    }
     assert lines["User"] == "natfail" and lines["Group"] == "natfail"
     assert lines["CapabilityBoundingSet"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert lines["AmbientCapabilities"].split() == ["CAP_NET_ADMIN", "CAP_NET_RAW"]
     assert lines["NoNewPrivileges"] == "yes"
     assert lines["ProtectSystem"] == "strict"
-    assert lines["RestrictAddressFamilies"].split() == ["AF_UNIX", "AF_INET", "AF_INET6",
-                                                        "AF_NETLINK"]
+    assert lines["RestrictAddressFamilies"].split() == [
+        "AF_UNIX",
+        "AF_INET",
+        "AF_INET6",
+        "AF_NETLINK",
+    ]
