@@ -5,11 +5,11 @@ probe settings (every 0.5 s, timeout 0.3 s, up after 1 answer, down after 2 miss
 failback sticky), and the wireguard-go client pinging 10.99.0.1 through the tunnel
 every 50 ms for the whole run. Each round kills the active backend's wireguard-go
 (SIGTERM; its UDP port closes), and takes from the daemon's log when it saw the
-backend down ("backend X is down") and when it swapped ("active backend X -> Y ...;
-swap N ms, conntrack cleanup N ms"), and from the pings the client's outage: the time
-from the kill to the first reply after the backend was dead. Then the killed backend
-is started again and the round waits until the daemon sees it up; the next kill hits
-the other backend, so kills alternate.
+backend down ("backend X is down") and when it swapped (its switch record, "switch
+service=wg0 from=X to=Y ... swap_ms=N cleanup_ms=N"), and from the pings the client's
+outage: the time from the kill to the first reply after the backend was dead. Then
+the killed backend is started again and the round waits until the daemon sees it up;
+the next kill hits the other backend, so kills alternate.
 
 The outage is dominated by WireGuard itself: the backend that takes over has no
 session with the client, and the client only starts a new handshake about 15 s after
@@ -52,7 +52,7 @@ def one_kill(
     victim.stop()
     dead = time.time()
     detected = daemon.wait_log(f"backend {victim.name} is down", killed, 10.0)
-    swapped = daemon.wait_log(f"active backend {victim.name} -> {other.name}", killed, 10.0)
+    swapped = daemon.wait_log(f"from={victim.name} to={other.name}", killed, 10.0)
     back = pinger.first_reply_after(dead, RECOVERY_LIMIT)
     row: dict[str, Any] = {
         "killed": victim.name,
@@ -66,7 +66,7 @@ def one_kill(
         "outage_ms": round((back - killed) * 1000, 1) if back else None,
     }
     if swapped:
-        m = re.search(r"swap ([\d.]+) ms, conntrack cleanup ([\d.]+) ms", swapped[1])
+        m = re.search(r"swap_ms=([\d.]+) cleanup_ms=([\d.]+)", swapped[1])
         if m:
             row["swap_ms"] = float(m.group(1))
             row["conntrack_cleanup_ms"] = float(m.group(2))

@@ -59,7 +59,7 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
                 env={"PYTHONPATH": str(ROOT)},
             )
-        assert wait_until(lambda: "active backend none -> a" in log.read_text(), 15), (
+        assert wait_until(lambda: "switch service=wg0 from=- to=a" in log.read_text(), 15), (
             log.read_text()
         )
         monitor = lab.popen(lab.gateway, ["nft", "monitor", "tables"], stdout=subprocess.PIPE)

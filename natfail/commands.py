@@ -8,6 +8,6 @@ OPERATOR: Final = ("switch", "release", "drain", "undrain")
 # Of those, the ones that name a backend.
 WITH_BACKEND: Final = ("switch", "drain", "undrain")
 # What a member of the socket's group may run; root may run every command.
-READ_ONLY: Final = frozenset({"status", "ping"})
+READ_ONLY: Final = frozenset({"status", "ping", "events"})
 # natfailctl's commands that talk to the daemon.
-DAEMON: Final = ("status", *OPERATOR, "reload")
+DAEMON: Final = ("status", "events", *OPERATOR, "reload")

@@ -6,9 +6,9 @@ probes, feeds the results in, carries the decisions out through the edges in
 `natfail.io`, and keeps the operator's wishes (pins, drains) across restarts.
 
 Order of a switch, always: one dataplane transaction; only if it succeeded,
-the conntrack cleanup of the old backend; then the log line, the metrics and
-the notify hook. A failed transaction keeps the last good state and is
-retried on the next round."""
+the conntrack cleanup of the old backend; then the switch record (its log
+line, `natfailctl events`), the metrics and the notify hook. A failed
+transaction keeps the last good state and is retried on the next round."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from natfail import config as cfg
 from natfail.core import health as hl
 from natfail.core import noise, ruleset
 from natfail.core import selector as sel
+from natfail.core.records import KEPT, SwitchLog, SwitchRecord
 from natfail.io import loop_errors
 from natfail.io.conntrack import ConntrackError
 from natfail.io.conntrack_worker import AsyncConntrack
@@ -145,6 +146,7 @@ class Daemon:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[Any]] = set()
         self._desired: ruleset.Ruleset | None = None
+        self.switches = SwitchLog()
         self._local_errors: dict[str, tuple[float | None, int]] = {}
         self._foreign_checked = 0.0
         self.control = ControlServer(config.daemon.socket, self._handle)
@@ -309,15 +311,11 @@ class Daemon:
         if previous is not None:
             rt.failovers += 1
         active = rt.service.backend(rt.active)
-        log.warning(
-            "%s: active backend %s -> %s (%s); swap %.1f ms, conntrack cleanup %.1f ms",
-            rt.service.name,
-            previous or "none",
-            rt.active,
-            reason,
-            swap * 1000,
-            cleanup * 1000,
+        record = SwitchRecord(
+            rt.service.name, previous, rt.active, reason, time.time(), swap * 1000, cleanup * 1000
         )
+        self.switches.add(record)
+        log.warning("%s", record.line())
         names = [b.name for b in rt.service.backends]
         if self.metrics:
             if previous is not None:
@@ -958,6 +956,13 @@ class Daemon:
             return self.status()
         if command == "ping":
             return {"message": "pong"}
+        if command == "events":
+            count = request.get("count", 20)
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= KEPT:
+                raise RequestError(
+                    f"count must be a whole number from 1 to {KEPT}", exitcodes.USAGE
+                )
+            return {"events": [r.to_json() for r in self.switches.last(count)]}
         if command == "reload":
             log.info("reload requested by uid %d", peer.uid)
             return {"message": await self.reload()}

@@ -26,7 +26,7 @@ PROBE = "[service.probe]\ninterval = 0.5\ntimeout = 0.3\nrise = 1\nfall = 2"
 RECOVERY_LIMIT = 40.0
 
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-_SWAP = re.compile(r"swap ([\d.]+) ms, conntrack cleanup ([\d.]+) ms")
+_SWAP = re.compile(r"swap_ms=([\d.]+) cleanup_ms=([\d.]+)")
 
 
 class _Out:
@@ -132,7 +132,7 @@ def _story(lab: Lab, out: _Out) -> int:
     pinger.kill()
     pinger.wait()
     detected = _find(log, "backend a is down", killed)
-    swapped = _find(log, "active backend a -> b", killed)
+    swapped = _find(log, "switch service=wg0 from=a to=b", killed)
     daemon.terminate()
     daemon.wait(10)
     out.line()

@@ -50,6 +50,11 @@ def _build_parser() -> ArgumentParser:
 
     status = sub.add_parser("status", help="services, backends, health, RTT, active backend")
     status.add_argument("--json", action="store_true", help="the JSON object of the contract")
+    events = sub.add_parser("events", help="the last switches of the active backends")
+    events.add_argument("--json", action="store_true", help="one JSON object")
+    events.add_argument(
+        "-n", "--count", type=int, default=20, help="how many, newest last (default 20)"
+    )
     switch = sub.add_parser("switch", help="manual failover, pinned until the backend fails")
     switch.add_argument("service")
     switch.add_argument("backend")

@@ -94,7 +94,21 @@ def run(args: argparse.Namespace) -> int:
         request["backend"] = args.backend
     if command == "switch":
         request["force"] = bool(args.force)
+    if command == "events":
+        request["count"] = args.count
     reply = client.call(path, request)
+    if command == "events":
+        events = {"events": reply.get("events", [])}
+        if args.json:
+            print(json.dumps(events, indent=2))
+        else:
+            for e in events["events"]:
+                print(
+                    f"{e.get('time')}  {e.get('service')}  {e.get('from') or '-'} -> "
+                    f"{e.get('to')}  {e.get('reason')}  swap {e.get('swap_ms')} ms  "
+                    f"cleanup {e.get('cleanup_ms')} ms"
+                )
+        return exitcodes.OK
     if command == "status":
         status = {"services": reply.get("services", [])}
         if args.json:

@@ -87,6 +87,18 @@ class Gateway:
         service: dict[str, Any] = json.loads(proc.stdout)["services"][0]
         return service
 
+    def switches(self, previous: str | None = None, active: str | None = None) -> list[Any]:
+        """The daemon's switch records (`natfailctl events --json`), oldest first;
+        only those from ``previous`` to ``active`` when given."""
+        proc = self.ctl("events", "--json", "-n", "1000")
+        assert proc.returncode == 0, proc.stderr
+        events: list[Any] = json.loads(proc.stdout)["events"]
+        return [
+            e
+            for e in events
+            if (previous is None or e["from"] == previous) and (active is None or e["to"] == active)
+        ]
+
     def backend_state(self, name: str) -> str:
         return str(next(b for b in self.status()["backends"] if b["name"] == name)["state"])
 

@@ -173,6 +173,7 @@ def test_check_config_rejects_each_broken_config(
     [
         ["status"],
         ["status", "--json"],
+        ["events", "--json", "-n", "5"],
         ["switch", "wg0", "b"],
         ["release", "wg0"],
         ["drain", "wg0", "a"],
