@@ -21,36 +21,22 @@ from common import machine as machine_info  # noqa: E402
 from common import write_results  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 
-from natfail.config import Backend, Endpoint, ProbeSettings, Service  # noqa: E402
+from natfail.config import Service  # noqa: E402
 from natfail.core import ruleset  # noqa: E402
 from natfail.io.iptables import IptablesDataplane  # noqa: E402
 from natfail.io.nftables import NftablesDataplane  # noqa: E402
+from tests.builders import service  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "dataplane.json"
 TARGET_NFT_MS = 1.0
 
 
 def services() -> list[Service]:
-    def svc(name: str, public: str, backends: list[tuple[str, str]]) -> Service:
-        return Service(
-            name=name,
-            public=Endpoint.parse(public),
-            inbound_interface=None,
-            server_public_key=b"\0" * 32,
-            preshared_key_file=None,
-            failback="sticky",
-            preempt_delay=30.0,
-            source_nat="preserve",
-            notify=None,
-            probe=ProbeSettings(),
-            backends=tuple(
-                Backend(n, Endpoint.parse(a), 100 - i) for i, (n, a) in enumerate(backends)
-            ),
-        )
-
     return [
-        svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.3:51820")]),
-        svc("wg6", "[2001:db8::10]:51820", [("a", "[fd00::2]:51820"), ("b", "[fd00::3]:51820")]),
+        service("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.3:51820")]),
+        service(
+            "wg6", "[2001:db8::10]:51820", [("a", "[fd00::2]:51820"), ("b", "[fd00::3]:51820")]
+        ),
     ]
 
 

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from natfail.config import Backend, Endpoint, ProbeSettings, Service
+from natfail.config import Backend, Endpoint, Service
 from natfail.core import ruleset
 from natfail.core.ruleset import Ruleset
 from natfail.io.conntrack import NetlinkConntrack
 from natfail.io.iptables import IptablesDataplane
 from natfail.io.nftables import NftablesDataplane
 from natfail.lab import PUBLIC_PORT, PUBLIC_V4, PUBLIC_V6, SERVER_TUNNEL_V4, Lab
+from tests.builders import service
 from tests.netns.nsworker import NsWorker
 
 KINDS = ("nftables", "iptables")
@@ -71,34 +72,10 @@ def ct_count(mark: int, address: Endpoint) -> int:
 # --- fixtures --------------------------------------------------------------------------
 
 
-def _service(
-    name: str,
-    public: str,
-    backends: list[tuple[str, str]],
-    source_nat: str = "preserve",
-    iif: str | None = None,
-) -> Service:
-    return Service(
-        name=name,
-        public=Endpoint.parse(public),
-        inbound_interface=iif,
-        server_public_key=b"\0" * 32,
-        preshared_key_file=None,
-        failback="sticky",
-        preempt_delay=30.0,
-        source_nat=source_nat,  # type: ignore[arg-type]
-        notify=None,
-        probe=ProbeSettings(),
-        backends=tuple(
-            Backend(n, Endpoint.parse(a), 100 - 10 * i) for i, (n, a) in enumerate(backends)
-        ),
-    )
-
-
 @pytest.fixture(scope="module")
 def services(lab: Lab) -> list[Service]:
-    v4 = _service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends])
-    v6 = _service(
+    v4 = service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends])
+    v6 = service(
         "wg6",
         f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
         [(b.name, b.address_v6 or "") for b in lab.backends],

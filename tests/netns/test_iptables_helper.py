@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from natfail.config import Backend, Endpoint, ProbeSettings, Service
+from natfail.config import Service
 from natfail.core import ruleset
 from natfail.core.ruleset import Ruleset
 from natfail.io.iptables import IptablesDataplane
 from natfail.lab import PUBLIC_PORT, PUBLIC_V4, PUBLIC_V6, Lab, wait_until
+from tests.builders import service
 from tests.netns.nsworker import NsWorker
 
 # --- code that runs in the gateway namespace (in the worker) ---------------------------
@@ -51,31 +52,11 @@ def logged() -> list[str]:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _service(
-    name: str, public: str, backends: list[tuple[str, str]], iif: str | None = None
-) -> Service:
-    return Service(
-        name=name,
-        public=Endpoint.parse(public),
-        inbound_interface=iif,
-        server_public_key=b"\0" * 32,
-        preshared_key_file=None,
-        failback="sticky",
-        preempt_delay=30.0,
-        source_nat="preserve",
-        notify=None,
-        probe=ProbeSettings(),
-        backends=tuple(
-            Backend(n, Endpoint.parse(a), 100 - 10 * i) for i, (n, a) in enumerate(backends)
-        ),
-    )
-
-
 @pytest.fixture(scope="module")
 def services(lab: Lab) -> list[Service]:
     return [
-        _service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends]),
-        _service(
+        service("wg0", f"{PUBLIC_V4}:{PUBLIC_PORT}", [(b.name, b.address) for b in lab.backends]),
+        service(
             "wg6",
             f"[{PUBLIC_V6}]:{PUBLIC_PORT}",
             [(b.name, b.address_v6 or "") for b in lab.backends],

@@ -8,37 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from natfail.config import Backend, Endpoint, ProbeSettings, Service
 from natfail.core import ruleset
 from natfail.core.ruleset import Ruleset, RulesetError
-
-
-def svc(
-    name: str,
-    public: str,
-    backends: list[tuple[str, str]],
-    *,
-    iif: str | None = None,
-    source_nat: str = "preserve",
-) -> Service:
-    return Service(
-        name=name,
-        public=Endpoint.parse(public),
-        inbound_interface=iif,
-        server_public_key=b"\0" * 32,
-        preshared_key_file=None,
-        failback="sticky",
-        preempt_delay=30.0,
-        source_nat=source_nat,  # type: ignore[arg-type]
-        notify=None,
-        probe=ProbeSettings(),
-        backends=tuple(Backend(n, Endpoint.parse(a), 100 - i) for i, (n, a) in enumerate(backends)),
-    )
-
+from tests.builders import service
 
 S = [
-    svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.3:51820")]),
-    svc(
+    service("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.3:51820")]),
+    service(
         "wg6",
         "[2001:db8::10]:51820",
         [("a", "[fd00::2]:51820"), ("b", "[fd00::3]:51820")],
@@ -103,10 +79,10 @@ def test_build_refuses_unknowns() -> None:
 
 
 def test_duplicate_public_or_backend_refused() -> None:
-    twin = svc("other", "203.0.113.10:51820", [("c", "10.0.0.9:51820")])
+    twin = service("other", "203.0.113.10:51820", [("c", "10.0.0.9:51820")])
     with pytest.raises(RulesetError, match="both use"):
         ruleset.build([*S, twin], {"wg0": "a", "other": "c"})
-    shared = svc("other", "203.0.113.11:51820", [("c", "10.0.0.2:51820")])
+    shared = service("other", "203.0.113.11:51820", [("c", "10.0.0.2:51820")])
     with pytest.raises(RulesetError, match="is used by"):
         ruleset.build([*S, shared], {})
 
@@ -115,7 +91,7 @@ def test_active_from_adopts_only_what_matches_the_config() -> None:
     rs = ruleset.build(S, {"wg0": "b", "wg6": "a"})
     assert ruleset.active_from(rs, S) == {"wg0": "b", "wg6": "a"}
     moved = [
-        svc("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.99:51820")]),
+        service("wg0", "203.0.113.10:51820", [("a", "10.0.0.2:51820"), ("b", "10.0.0.99:51820")]),
         S[1],
     ]
     assert ruleset.active_from(rs, moved) == {"wg6": "a"}
