@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -382,40 +382,73 @@ def _foreign_owner(uid: int, what: str) -> str | None:
     )
 
 
-def _read_small_file(path: Path) -> bytes:
-    # O_NONBLOCK: a FIFO in place of a key file must not hang check-config.
+class _Unreadable(Exception):
+    """Why `_read_regular` gave up: ``kind`` is one of "missing", "denied",
+    "open", "type", "vetted", "read" and "size"; ``detail`` says more."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(kind, detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def _read_regular(
+    path: Path, limit: int, vet: Callable[[os.stat_result], str | None] | None = None
+) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes, for every file natfail
+    reads from its config (keys, the config itself): a FIFO, a device or a huge file in
+    its place must not hang or exhaust the reader. ``vet`` may refuse the file by its
+    fstat (of the descriptor read, so the checked file is the read one)."""
     try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise KeyFileError(path, "does not exist") from None
+        raise _Unreadable("missing", "No such file or directory") from None
     except PermissionError:
-        raise KeyFileError(path, "is not readable (permission denied)") from None
+        raise _Unreadable("denied", "Permission denied") from None
     except (OSError, ValueError) as exc:
-        raise KeyFileError(path, f"cannot be opened: {_os_reason(exc)}") from None
+        raise _Unreadable("open", _os_reason(exc)) from None
     try:
-        # fstat of the descriptor we read, so the checked file is the read one.
         info = os.fstat(fd)
-        mode = info.st_mode
-        if not stat.S_ISREG(mode):
-            raise KeyFileError(path, "is not a regular file")
-        problem = _too_open(mode) or _foreign_owner(info.st_uid, "a key")
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable("type")
+        problem = vet(info) if vet is not None else None
         if problem is not None:
-            raise KeyFileError(path, problem)
+            raise _Unreadable("vetted", problem)
         chunks: list[bytes] = []
         size = 0
-        while size <= _KEY_FILE_LIMIT:
-            chunk = os.read(fd, _KEY_FILE_LIMIT + 1 - size)
+        while size <= limit:  # the file may grow while it is read
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
     except OSError as exc:
-        raise KeyFileError(path, f"cannot be read: {_os_reason(exc)}") from None
+        raise _Unreadable("read", _os_reason(exc)) from None
     finally:
         os.close(fd)
-    if size > _KEY_FILE_LIMIT:
-        raise KeyFileError(path, f"is larger than {_KEY_FILE_LIMIT} bytes; expected one key")
+    if size > limit:
+        raise _Unreadable("size")
     return b"".join(chunks)
+
+
+def _read_small_file(path: Path) -> bytes:
+    def vet(info: os.stat_result) -> str | None:
+        return _too_open(info.st_mode) or _foreign_owner(info.st_uid, "a key")
+
+    try:
+        return _read_regular(path, _KEY_FILE_LIMIT, vet)
+    except _Unreadable as exc:
+        reason = {
+            "missing": "does not exist",
+            "denied": "is not readable (permission denied)",
+            "open": f"cannot be opened: {exc.detail}",
+            "type": "is not a regular file",
+            "vetted": exc.detail,
+            "read": f"cannot be read: {exc.detail}",
+            "size": f"is larger than {_KEY_FILE_LIMIT} bytes; expected one key",
+        }[exc.kind]
+        raise KeyFileError(path, reason) from None
 
 
 def _os_reason(exc: Exception) -> str:
@@ -963,38 +996,18 @@ def read_raw(path: Path | str) -> dict[str, Any]:
 
 
 def read_config_file(path: Path) -> bytes:
-    """The bytes of a regular file of at most CONFIG_FILE_LIMIT: /dev/zero, a FIFO
-    or a huge file in place of the config must not hang or exhaust the daemon."""
-
-    def refuse(reason: str) -> ConfigError:
-        return ConfigError(path, "", f"cannot read the config file: {reason}")
-
+    """The bytes of the config file, read as the key files are (`_read_regular`),
+    at most CONFIG_FILE_LIMIT; ConfigError naming the file otherwise."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, ValueError) as exc:
-        raise refuse(_os_reason(exc)) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise refuse("it is not a regular file")
-        if info.st_size > CONFIG_FILE_LIMIT:
-            raise refuse(f"it is larger than {CONFIG_FILE_LIMIT // 1024 // 1024} MiB")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= CONFIG_FILE_LIMIT:  # the file may grow while it is read
-            chunk = os.read(fd, min(1 << 20, CONFIG_FILE_LIMIT + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > CONFIG_FILE_LIMIT:
-            raise refuse(f"it is larger than {CONFIG_FILE_LIMIT // 1024 // 1024} MiB")
-    except OSError as exc:
-        raise refuse(_os_reason(exc)) from None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+        return _read_regular(path, CONFIG_FILE_LIMIT)
+    except _Unreadable as exc:
+        if exc.kind == "type":
+            reason = "it is not a regular file"
+        elif exc.kind == "size":
+            reason = f"it is larger than {CONFIG_FILE_LIMIT // 1024 // 1024} MiB"
+        else:
+            reason = exc.detail
+        raise ConfigError(path, "", f"cannot read the config file: {reason}") from None
 
 
 # --------------------------------------------------------------------------

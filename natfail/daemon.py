@@ -54,8 +54,6 @@ FOREIGN_CHECK_INTERVAL = 15.0
 # grows with the number of services, and no probe round reads the firewall.
 SAFETY_CHECK_INTERVAL = 30.0
 UNWATCHED_CHECK_INTERVAL = 2.0
-# A local error (ours, not the backend's) repeating is logged once per this.
-LOCAL_ERROR_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -147,7 +145,7 @@ class Daemon:
         self._background: set[asyncio.Future[Any]] = set()
         self._desired: ruleset.Ruleset | None = None
         self.switches = SwitchLog()
-        self._local_errors: dict[str, tuple[float | None, int]] = {}
+        self._local_errors = loop_errors.RepeatLog(log, clock=monotonic)
         self._foreign_checked = 0.0
         self.control = ControlServer(config.daemon.socket, self._handle)
 
@@ -391,7 +389,13 @@ class Daemon:
         if result.local:
             # Our own trouble (out of file descriptors, say) says nothing
             # about the backend: it must never move traffic.
-            self._local_error(rt.service.name, backend.name, result)
+            reason = result.detail or result.reason
+            self._local_errors.report(
+                f"probes failing on this gateway ({reason}); not counted against any backend",
+                f"{rt.service.name}: probe of {backend.name} failed on this gateway ({reason}); "
+                "not counted against the backend",
+                level=logging.ERROR,
+            )
             return False
         probe = rt.service.probe
         new = hl.observe(
@@ -418,31 +422,6 @@ class Daemon:
                 "%s: backend %s is %s (%s)", rt.service.name, backend.name, new.state.value, detail
             )
         return new.state == hl.HealthState.DOWN and old.state != hl.HealthState.DOWN
-
-    def _local_error(self, service: str, backend: str, result: ProbeResult) -> None:
-        """Logs a local probe error once, then how often it repeated, once a minute."""
-        now = self.monotonic()
-        key = result.detail or result.reason
-        first, repeats = self._local_errors.get(key, (None, 0))
-        if first is None:
-            log.error(
-                "%s: probe of %s failed on this gateway (%s); not counted against the backend",
-                service,
-                backend,
-                key,
-            )
-            self._local_errors[key] = (now, 0)
-        elif now - first >= LOCAL_ERROR_LOG_INTERVAL:
-            log.error(
-                "local probe error (%s) repeated %d times in the last %.0f s; not counted "
-                "against any backend",
-                key,
-                repeats + 1,
-                now - first,
-            )
-            self._local_errors[key] = (now, 0)
-        else:
-            self._local_errors[key] = (first, repeats + 1)
 
     async def _probe_round(self, rt: ServiceRuntime) -> None:
         probe, keys = rt.service.probe, rt.keys

@@ -28,6 +28,7 @@ from natfail.io.iptables import IptablesDataplane
 from natfail.lab import PUBLIC_PORT, PUBLIC_V4, PUBLIC_V6, Lab, wait_until
 from tests.builders import service
 from tests.netns.nsworker import NsWorker
+from tests.unit.test_iptables_helper import _dead
 
 # --- code that runs in the gateway namespace (in the worker) ---------------------------
 
@@ -88,15 +89,6 @@ def _dnat_targets(lab: Lab, tool: str) -> list[str]:
         for ln in out.splitlines()
         if "--to-destination" in ln
     ]
-
-
-def _dead(pid: int) -> bool:
-    """Gone, or a zombie nobody has reaped yet: in either case it runs no more."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def _netns_inode(path: str) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from natfail.lab import Lab, genkey, pubkey
+from natfail.lab import Lab, LabBackend, genkey, pubkey
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,25 +142,29 @@ def test_paused_process_is_down_by_timeout(backends_up: Lab) -> None:
     assert ": down, timeout" in proc.stdout, proc.stdout
 
 
+def _fake(lab: Lab, backend: LabBackend, module: str, *args: str) -> subprocess.Popen[str]:
+    """Starts ``python -m tests.netns.MODULE HOST PORT ARGS...`` in the backend's
+    namespace (a fake server or a spoofer) and waits until it says "ready"."""
+    proc = lab.popen(
+        backend,
+        [sys.executable, "-m", f"tests.netns.{module}", backend.v4, str(backend.port), *args],
+        stdout=subprocess.PIPE,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"tests.netns.{module} did not start")
+    return proc
+
+
 def test_forged_responses_are_down(backends_up: Lab) -> None:
     lab = backends_up
     backend = lab.backends[1]
     backend.stop()
-    forger = lab.popen(
-        backend,
-        [
-            sys.executable,
-            "-m",
-            "tests.netns.forger",
-            backend.v4,
-            str(backend.port),
-            lab.probe_key.public_b64,
-        ],
-        stdout=subprocess.PIPE,
-        env={"PYTHONPATH": str(REPO)},
-    )
+    forger = _fake(lab, backend, "forger", lab.probe_key.public_b64)
     try:
-        assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
         proc = natfailctl_probe(lab, backend.address, count=2, timeout=0.5)
     finally:
         forger.kill()
@@ -193,21 +197,8 @@ def test_cookie_replies_alone_are_down(backends_up: Lab) -> None:
     lab = backends_up
     backend = lab.backends[1]
     backend.stop()
-    forger = lab.popen(
-        backend,
-        [
-            sys.executable,
-            "-m",
-            "tests.netns.cookie_forger",
-            backend.v4,
-            str(backend.port),
-            lab.server_key.public_b64,
-        ],
-        stdout=subprocess.PIPE,
-        env={"PYTHONPATH": str(REPO)},
-    )
+    forger = _fake(lab, backend, "cookie_forger", lab.server_key.public_b64)
     try:
-        assert forger.stdout is not None and forger.stdout.readline().strip() == "ready"
         proc = natfailctl_probe(lab, backend.address, timeout=1.0)
     finally:
         forger.kill()
@@ -230,22 +221,9 @@ def test_spoofed_port_unreachable_does_not_beat_the_response(backends_up: Lab, m
     lab = backends_up
     backend = lab.backends[0]
     assert backend.pid is not None
-    spoofer = lab.popen(
-        backend,
-        [
-            sys.executable,
-            "-m",
-            "tests.netns.icmp_spoofer",
-            backend.v4,
-            str(backend.port),
-            mode,
-            str(backend.pid),
-        ],
-        stdout=subprocess.PIPE,
-        env={"PYTHONPATH": str(REPO)},
-    )
+    spoofer = _fake(lab, backend, "icmp_spoofer", mode, str(backend.pid))
+    assert spoofer.stdout is not None
     try:
-        assert spoofer.stdout is not None and spoofer.stdout.readline().strip() == "ready"
         backend.pause()
         proc = natfailctl_probe(lab, backend.address, timeout=5.0)
         assert spoofer.stdout.readline().strip() == "spoofed"

@@ -39,6 +39,19 @@ def _socket(gw: Gateway) -> Path:
     return gw.lab.dir / "natfail.sock"
 
 
+def _run_to_exit(lab: Lab, config: Path) -> tuple[int, str, str]:
+    """A daemon with ``config`` in the gateway that is expected to exit on its own."""
+    proc = lab.popen(
+        lab.gateway,
+        [sys.executable, "-m", "natfail", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
 def test_a_second_daemon_exits_and_touches_nothing(gw: Gateway) -> None:
     lab = gw.lab
     assert gw.proc is not None
@@ -47,15 +60,8 @@ def test_a_second_daemon_exits_and_touches_nothing(gw: Gateway) -> None:
     rules = _rules(gw)
     log_before = gw.logs()
 
-    second = lab.popen(
-        lab.gateway,
-        [sys.executable, "-m", "natfail", "-c", str(gw.config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ENV,
-    )
-    out, err = second.communicate(timeout=60)
-    assert second.returncode == 1, (out, err)
+    code, out, err = _run_to_exit(lab, gw.config)
+    assert code == 1, (out, err)
     assert err.splitlines() == [f"natfail: another natfail (pid {first_pid}) is running"]
     assert out == ""
 
@@ -86,15 +92,8 @@ def test_a_socket_another_program_listens_on_is_never_taken(fresh: Lab) -> None:
         other.bind(str(path))
         other.listen(1)
         inode = path.stat().st_ino
-        daemon = fresh.popen(
-            fresh.gateway,
-            [sys.executable, "-m", "natfail", "-c", str(gw.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=ENV,
-        )
-        out, err = daemon.communicate(timeout=60)
-        assert daemon.returncode == 1, (out, err)
+        code, out, err = _run_to_exit(fresh, gw.config)
+        assert code == 1, (out, err)
         lines = err.splitlines()
         assert lines[-1] == f"natfail: another process listens on {path}; not replacing its socket"
         assert "Traceback" not in err

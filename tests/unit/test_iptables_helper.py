@@ -59,7 +59,7 @@ class MissingLibrary:
 
 
 def _dead(pid: int) -> bool:
-    """Gone or a zombie: SIGKILL has done its work."""
+    """Gone, or a zombie nobody has reaped yet: in either case it runs no more."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
