@@ -3,7 +3,7 @@ without a config file (ruleset and dataplane tests)."""
 
 from __future__ import annotations
 
-from natfail.config import Backend, Endpoint, ProbeSettings, Service, SourceNat
+from natfail.core.model import Backend, Endpoint, ProbeSettings, Service, SourceNat
 
 
 def service(

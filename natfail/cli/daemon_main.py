@@ -54,7 +54,7 @@ def _run_daemon(config_path: Path | None) -> int:
         raise UsageError(str(exc)) from None
     problems = cfg.check_files(conf)
     if problems:
-        raise UsageError(problems[0])
+        raise UsageError(str(problems[0]))
     from natfail.io.instance_lock import InstanceLock, LockError
 
     # Before anything touches the system: a second daemon must leave the
@@ -74,7 +74,7 @@ def _run_locked(conf: Config) -> int:
     import asyncio
 
     from natfail.daemon import Daemon
-    from natfail.io import nft_monitor
+    from natfail.io import fdlimit, nft_monitor
     from natfail.io.conntrack import NetlinkConntrack
     from natfail.io.conntrack_worker import ConntrackWorker
     from natfail.io.control import ControlError
@@ -97,6 +97,15 @@ def _run_locked(conf: Config) -> int:
             dataplane = IptablesDataplane()
     except (DataplaneError, OSError) as exc:
         raise Refused(f"cannot use {conf.daemon.firewall}: {exc}") from None
+    limit = fdlimit.raise_nofile_limit()
+    backends = sum(len(s.backends) for s in conf.services)
+    if limit < fdlimit.needed(backends):
+        logging.getLogger("natfail").warning(
+            "the open file limit is %d, %d backends need about %d (LimitNOFILE= in the unit)",
+            limit,
+            backends,
+            fdlimit.needed(backends),
+        )
     conntrack = ConntrackWorker(NetlinkConntrack)
     conf.daemon.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     clock = TimestampClock(conf.daemon.state_dir / STATE_FILE)

@@ -811,7 +811,7 @@ def test_example_file_shows_every_key() -> None:
 
 
 def test_example_file_only_misses_the_probe_key() -> None:
-    problems = check_files(load(EXAMPLE))
+    problems = [str(p) for p in check_files(load(EXAMPLE))]
     assert all("probe.private_key_file" in p for p in problems)
     assert len(problems) <= 1
 
@@ -1032,7 +1032,7 @@ def write_key(path: Path, content: bytes | str, mode: int = 0o600) -> None:
 
 def test_check_files_missing_probe_key(tmp_path: Path) -> None:
     conf = write_config(tmp_path)
-    assert check_files(conf) == [
+    assert [str(p) for p in check_files(conf)] == [
         f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: does not exist"
     ]
 
@@ -1052,7 +1052,7 @@ def test_check_files_missing_probe_key(tmp_path: Path) -> None:
 def test_check_files_bad_probe_key(tmp_path: Path, content: bytes, reason: str) -> None:
     conf = write_config(tmp_path)
     write_key(tmp_path / "probe.key", content)
-    (problem,) = check_files(conf)
+    (problem,) = [str(p) for p in check_files(conf)]
     assert problem.startswith(f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: ")
     assert reason in problem
     assert len(problem.splitlines()) == 1
@@ -1068,7 +1068,7 @@ def test_check_files_good_keys(tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o755)
-    assert check_files(conf) == []
+    assert [str(p) for p in check_files(conf)] == []
     assert load_key_file(tmp_path / "probe.key") == KEY_BYTES
 
 
@@ -1079,21 +1079,21 @@ def test_check_files_psk_and_notify(tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o644)
-    assert check_files(conf) == [
+    assert [str(p) for p in check_files(conf)] == [
         f"{conf.path}: service[0].preshared_key_file: {tmp_path / 'psk'}: content decodes to "
         "16 bytes; a WireGuard key is 32 bytes (44 base64 characters)",
         f"{conf.path}: service[0].notify: {hook}: is not executable",
     ]
     hook.unlink()
-    assert check_files(conf)[-1].endswith(": does not exist")
+    assert [str(p) for p in check_files(conf)][-1].endswith(": does not exist")
     hook.mkdir()
-    assert check_files(conf)[-1].endswith(": is not a regular file")
+    assert [str(p) for p in check_files(conf)][-1].endswith(": is not a regular file")
 
 
 def test_check_files_not_regular_key(tmp_path: Path) -> None:
     conf = write_config(tmp_path)
     os.mkfifo(tmp_path / "probe.key")  # must not hang
-    (problem,) = check_files(conf)
+    (problem,) = [str(p) for p in check_files(conf)]
     assert problem.endswith("is not a regular file")
 
 
@@ -1111,7 +1111,7 @@ def test_check_files_unreadable_key(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "open", denying_open)
-    (problem,) = check_files(conf)
+    (problem,) = [str(p) for p in check_files(conf)]
     assert problem.endswith("is not readable (permission denied)")
 
 
@@ -1122,7 +1122,7 @@ def test_check_files_service_probe_key(tmp_path: Path) -> None:
     conf.path.write_text(doc)
     conf = load(conf.path)
     # the [probe] default is used by no service, so only the override matters
-    assert check_files(conf) == [
+    assert [str(p) for p in check_files(conf)] == [
         f"{conf.path}: service[0].probe.private_key_file: {tmp_path / 'own.key'}: does not exist"
     ]
 
@@ -1137,11 +1137,11 @@ def test_check_files_refuses_keys_open_to_others(tmp_path: Path, mode: int) -> N
         f"permissions {mode:04o} are too open: a key must not be accessible by "
         "group or others (chmod 600)"
     )
-    assert check_files(conf) == [
+    assert [str(p) for p in check_files(conf)] == [
         f"{conf.path}: probe.private_key_file: {tmp_path / 'probe.key'}: {too_open}",
         f"{conf.path}: service[0].preshared_key_file: {tmp_path / 'psk'}: {too_open}",
     ]
-    for problem in check_files(conf):
+    for problem in [str(p) for p in check_files(conf)]:
         assert KEY not in problem and psk not in problem
     with pytest.raises(ValueError, match="too open"):
         load_key_file(tmp_path / "probe.key")
@@ -1149,7 +1149,7 @@ def test_check_files_refuses_keys_open_to_others(tmp_path: Path, mode: int) -> N
     for good in (0o600, 0o400):
         (tmp_path / "probe.key").chmod(good)
         (tmp_path / "psk").chmod(good)
-        assert check_files(conf) == []
+        assert [str(p) for p in check_files(conf)] == []
 
 
 def test_load_key_file_errors_are_value_errors(tmp_path: Path) -> None:
@@ -1381,10 +1381,10 @@ def test_key_and_hook_owned_by_another_user_are_refused(tmp_path: Path) -> None:
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(0o755)
-    assert check_files(conf) == []
+    assert [str(p) for p in check_files(conf)] == []
     os.chown(tmp_path / "probe.key", 4242, -1)
     os.chown(hook, 4242, -1)
-    problems = check_files(conf)
+    problems = [str(p) for p in check_files(conf)]
     assert len(problems) == 2
     assert all("is owned by uid 4242" in p for p in problems)
 
@@ -1396,6 +1396,6 @@ def test_a_hook_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
     hook = tmp_path / "hook"
     hook.write_text("#!/bin/sh\n")
     hook.chmod(mode)
-    (problem,) = check_files(conf)
+    (problem,) = [str(p) for p in check_files(conf)]
     assert problem.startswith(f"{conf.path}: service[0].notify: {hook}: permissions ")
     assert "chmod go-w" in problem
