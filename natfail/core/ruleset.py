@@ -48,7 +48,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from natfail.config import Endpoint, Service
+from natfail.core.model import Endpoint, Service
 
 __all__ = [
     "IPT_POST_CHAIN",
@@ -268,6 +268,51 @@ def build(services: Iterable[Service], active: Mapping[str, str | None]) -> Rule
     return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
 
 
+class Builder:
+    """:func:`build` for one config, made once: the SNAT and masquerade parts
+    never change with the actives, and each service's DNAT is one of a few.
+    A switch of one service among a thousand then costs a dictionary lookup
+    per service, and the unchanged parts are the very same objects, so the
+    next diff skips them."""
+
+    def __init__(self, services: Iterable[Service]) -> None:
+        self.services = tuple(services)
+        base = build(self.services, {})  # checks the parts that never change
+        self._snat, self._masquerade = base.snat, base.masquerade
+        mark_of = marks(self.services)
+        self._dnat: dict[tuple[str, str], Dnat] = {}
+        for svc in self.services:
+            for b in svc.backends:
+                self._dnat[(svc.name, b.name)] = Dnat(
+                    svc.public,
+                    svc.inbound_interface,
+                    b.address,
+                    mark_of[(svc.name, b.name)],
+                    svc.name,
+                    b.name,
+                )
+        self._names = {svc.name for svc in self.services}
+
+    def build(self, active: Mapping[str, str | None]) -> Ruleset:
+        dnat: list[Dnat] = []
+        for name, chosen in active.items():
+            if chosen is None:
+                continue
+            d = self._dnat.get((name, chosen))
+            if d is None:
+                if name not in self._names:
+                    raise RulesetError(f"unknown service {name!r}")
+                raise RulesetError(f"service {name} has no backend {chosen!r}")
+            dnat.append(d)
+        # Each service has one public endpoint of its own (checked above and
+        # by the config), so the DNATs need no further check.
+        rs = object.__new__(Ruleset)
+        object.__setattr__(rs, "dnat", frozenset(dnat))
+        object.__setattr__(rs, "snat", self._snat)
+        object.__setattr__(rs, "masquerade", self._masquerade)
+        return rs
+
+
 def active_from(installed: Ruleset, services: Iterable[Service]) -> dict[str, str]:
     """What a restarted daemon adopts: ``{service: backend}`` for each installed DNAT that
     still matches the config (same public endpoint, a backend of that name at that
@@ -445,6 +490,20 @@ def _ep(e: Endpoint) -> list[str | int]:
     return [str(e.ip), e.port]
 
 
+def _minus(x: frozenset[Any], y: frozenset[Any]) -> frozenset[Any]:
+    return frozenset() if x is y else x - y
+
+
+def _difference(a: Ruleset, b: Ruleset) -> Ruleset:
+    """What ``a`` has and ``b`` has not (unchecked: part of a valid ruleset)."""
+
+    rs = object.__new__(Ruleset)
+    object.__setattr__(rs, "dnat", _minus(a.dnat, b.dnat))
+    object.__setattr__(rs, "snat", _minus(a.snat, b.snat))
+    object.__setattr__(rs, "masquerade", _minus(a.masquerade, b.masquerade))
+    return rs
+
+
 def _elements(rs: Ruleset) -> dict[tuple[str, tuple[Any, ...]], tuple[Any, str]]:
     """(map or set name, key) → (data, comment) for every element of ``rs``."""
     out: dict[tuple[str, tuple[Any, ...]], tuple[Any, str]] = {}
@@ -495,9 +554,13 @@ def _element_cmd(op: str, name: str, items: list[tuple[tuple[Any, ...], Any, str
 def nft_commands(installed: Ruleset, desired: Ruleset) -> list[Json]:
     """The libnftables JSON commands (one transaction) that turn ``installed`` (read back
     from an intact natfail table) into ``desired``: deletes of changed or removed
-    elements, then adds of changed or new ones. [] when nothing changes."""
-    old = _elements(installed)
-    new = _elements(desired)
+    elements, then adds of changed or new ones. [] when nothing changes.
+
+    Only the parts that differ are turned into elements: in a valid ruleset no
+    two parts make the same element key, so an unchanged part can never
+    decide a changed one's command."""
+    old = _elements(_difference(installed, desired))
+    new = _elements(_difference(desired, installed))
     deletes: dict[str, list[tuple[tuple[Any, ...], Any, str | None]]] = {}
     adds: dict[str, list[tuple[tuple[Any, ...], Any, str | None]]] = {}
     for (name, key), value in sorted(old.items(), key=repr):

@@ -53,6 +53,10 @@ class Dataplane(Protocol):
         """True when natfail's tables/chains exist in the expected shape."""
         ...
 
+    def inspect(self) -> tuple[Ruleset, bool]:
+        """``read()`` and ``intact()`` from one reading of the firewall."""
+        ...
+
     def remove_all(self) -> None:
         """Removes everything natfail installed (its table or chains and jumps), in one
         transaction; nothing else. No error when nothing is installed."""

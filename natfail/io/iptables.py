@@ -178,24 +178,26 @@ class _IptFamily:
         return found, intact
 
     def read(self) -> Ruleset:
+        return self.inspect()[0]
+
+    def intact(self) -> bool:
+        return self.inspect()[1]
+
+    def inspect(self) -> tuple[Ruleset, bool]:
         dnat: set[Dnat] = set()
         snat: set[Snat] = set()
         masq: set[Masquerade] = set()
+        intact = True
         try:
             for fam in self.families:
-                rs, _ = self._read_family(fam)
+                rs, ok = self._read_family(fam)
                 dnat |= rs.dnat
                 snat |= rs.snat
                 masq |= rs.masquerade
-            return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
+                intact = intact and ok
         except self._iptc.IPTCError as e:
             raise DataplaneError(f"iptables: {error_line(e)}") from None
-
-    def intact(self) -> bool:
-        try:
-            return all(self._read_family(f)[1] for f in self.families)
-        except self._iptc.IPTCError as e:
-            raise DataplaneError(f"iptables: {error_line(e)}") from None
+        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq)), intact
 
     # -- changing -----------------------------------------------------------------------
 
@@ -553,18 +555,23 @@ class IptablesDataplane:
         procs.clear()
 
     def read(self) -> Ruleset:
+        return self.inspect()[0]
+
+    def intact(self) -> bool:
+        return self.inspect()[1]
+
+    def inspect(self) -> tuple[Ruleset, bool]:
         dnat: set[Dnat] = set()
         snat: set[Snat] = set()
         masq: set[Masquerade] = set()
+        intact = True
         for p in self._procs.values():
-            rs = p.call("read")
+            rs, ok = p.call("inspect")
             dnat |= rs.dnat
             snat |= rs.snat
             masq |= rs.masquerade
-        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
-
-    def intact(self) -> bool:
-        return all(p.call("intact") for p in self._procs.values())
+            intact = intact and ok
+        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq)), intact
 
     def apply(self, desired: Ruleset) -> None:
         for p in self._procs.values():

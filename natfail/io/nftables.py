@@ -168,14 +168,15 @@ class NftablesDataplane:
         return installed, True, intact
 
     def read(self) -> Ruleset:
-        installed, _, intact = self._read()
-        self._known = installed if intact else None
-        return installed
+        return self.inspect()[0]
 
     def intact(self) -> bool:
+        return self.inspect()[1]
+
+    def inspect(self) -> tuple[Ruleset, bool]:
         installed, _, ok = self._read()
         self._known = installed if ok else None
-        return ok
+        return installed, ok
 
     # -- changing ---------------------------------------------------------------------
 

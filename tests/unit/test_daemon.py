@@ -4,7 +4,7 @@ the namespace tests (tests/netns/test_daemon.py) run the real parts.
 
 Two ways to drive it: `running(Daemon)` runs `Daemon.run()` with its probe
 loops (interval 0.05 s) and waits for conditions; `running(ManualDaemon)` runs
-the same start-up but starts no probe loop, so a test calls `_probe_round`
+the same start-up but fires no probe timer, so a test calls `probe_round`
 itself and every step is deterministic."""
 
 from __future__ import annotations
@@ -23,140 +23,41 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from natfail import config as cfg
-from natfail.core import noise, ruleset
+from natfail.core import ruleset
 from natfail.core import selector as sel
 from natfail.core.health import HealthState
 from natfail.daemon import STATE_FILE, Daemon, ServiceRuntime
-from natfail.io.conntrack import CleanupResult, PublicFlows
 from natfail.io.control import Peer, RequestError
-from natfail.io.dataplane import DataplaneError
+from natfail.io.fakes import (
+    Call,
+    FakeConntrack,
+    FakeDataplane,
+    FakeHooks,
+    FakeNotifier,
+    FakeTransport,
+)
 from natfail.io.hooks import SwitchEvent
-from natfail.io.probe_transport import ProbeResult
 
 ROOT = Peer(pid=1, uid=0, gid=0, groups=frozenset())
 A, B, C = "10.0.0.2:51820", "10.0.0.3:51820", "10.0.0.4:51820"
 D, E = "10.0.1.2:51820", "10.0.1.3:51820"
 ADDRESS = {"a": A, "b": B, "c": C, "d": D, "e": E}
-Call = tuple[Any, ...]
 
 
-# --- fakes at the edges ------------------------------------------------------------------
-
-
-class FakeDataplane:
-    """Holds one installed Ruleset; `fail_next` refuses that many applies."""
-
-    name = "fake"
-
-    def __init__(self, calls: list[Call], installed: ruleset.Ruleset | None = None) -> None:
-        self.calls = calls
-        self.installed = installed if installed is not None else ruleset.Ruleset()
-        self.is_intact = installed is not None
-        self.applied: list[ruleset.Ruleset] = []
-        self.fail_next = 0
-        self.reads = 0
-
-    def apply(self, desired: ruleset.Ruleset) -> None:
-        if self.fail_next:
-            self.fail_next -= 1
-            self.calls.append(("apply-failed", desired.active()))
-            raise DataplaneError("nft: transaction refused (fake)")
-        self.calls.append(("apply", desired.active()))
-        self.applied.append(desired)
-        self.installed = desired
-        self.is_intact = True
-
-    def read(self) -> ruleset.Ruleset:
-        self.reads += 1
-        return self.installed
-
-    def intact(self) -> bool:
-        self.reads += 1
-        return self.is_intact
-
-    def remove_all(self) -> None:
-        self.flush()
-
-    def flush(self) -> None:
-        """Someone ran `nft flush ruleset`: drift."""
-        self.installed = ruleset.Ruleset()
-        self.is_intact = False
-
-
-class FakeConntrack:
-    """Records cleanups in the shared call log; un-NATed flow removals (after
-    every DNAT install) in `unnated`, with how many applies preceded each."""
-
-    def __init__(self, calls: list[Call]) -> None:
-        self.calls = calls
-        self.removed: list[tuple[int, str]] = []
-        self.unnated: list[tuple[str, int]] = []
-        self.flows: dict[str, dict[cfg.Endpoint, int]] = {}
-
-    async def remove_unnated(self, public: cfg.Endpoint) -> int:
-        applies = sum(1 for c in self.calls if c[0] == "apply")
-        self.unnated.append((str(public), applies))
-        return 1
-
-    async def public_flows(self, public: cfg.Endpoint) -> PublicFlows:
-        by_source = self.flows.get(str(public), {})
-        unnated = by_source.get(public, 0)
-        return PublicFlows(sum(by_source.values()), unnated, dict(by_source))
-
-    async def remove_backend(self, mark: int, address: cfg.Endpoint) -> CleanupResult:
-        self.calls.append(("cleanup", mark, str(address)))
-        self.removed.append((mark, str(address)))
-        return CleanupResult(1, 0, 0, 3)
-
-
-class FakeTransport:
-    """Scripted probes: `up[address]` says whether that backend answers."""
-
-    def __init__(self) -> None:
-        self.up: dict[str, bool] = {}
-        self.probed: list[str] = []
-
-    async def probe(self, keys: noise.Keys, target: cfg.Endpoint, timeout: float) -> ProbeResult:
-        address = str(target)
-        self.probed.append(address)
-        if self.up.get(address, False):
-            return ProbeResult(True, "ok", 0.0015)
-        return ProbeResult(False, "timeout")
-
-
-class FakeNotifier:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def notify(self, *lines: str) -> None:
-        self.lines.extend(lines)
-
-    @property
-    def watchdog_interval(self) -> float | None:
-        return None
-
-
-class FakeHooks:
-    def __init__(self) -> None:
-        self.events: list[tuple[Path, SwitchEvent]] = []
-        self.closed = False
-
-    def submit(self, executable: Path, event: SwitchEvent) -> None:
-        self.events.append((executable, event))
-
-    async def close(self) -> None:
-        self.closed = True
+# --- the daemon without its probe timer ---------------------------------------------------
 
 
 class ManualDaemon(Daemon):
-    """Starts no probe loops: the test runs the rounds. Records what would start."""
+    """Fires no probe timer: the test runs the rounds."""
 
-    started: list[str]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prober.arm = lambda: None  # type: ignore[method-assign]
 
-    def _start_task(self, rt: ServiceRuntime) -> None:
-        if not hasattr(self, "started"):
-            self.started = []
-        self.started.append(rt.service.name)
+    @property
+    def started(self) -> list[str]:
+        """The services that are scheduled for probing."""
+        return self.schedule.names()
 
 
 # --- config and rig ----------------------------------------------------------------------
@@ -274,14 +175,14 @@ async def running(d: Daemon) -> AsyncIterator[Daemon]:
     try:
         yield d
     finally:
-        d._stop.set()
+        d.stop()
         assert await asyncio.wait_for(task, 5) == 0
     assert "STOPPING=1" in notifier.lines
 
 
 async def rounds(d: Daemon, n: int, service: str = "wg0") -> None:
     for _ in range(n):
-        await d._probe_round(d.services[service])
+        await d.probe_round(service)
 
 
 async def up_on_a(rig: Rig, d: Daemon) -> ServiceRuntime:
@@ -431,8 +332,8 @@ def test_pin_and_drain_survive_a_restart(rig: Rig) -> None:
     async def main() -> None:
         async with running(rig.daemon()) as d:
             await up_on_a(rig, d)
-            await d._handle({"command": "switch", "service": "wg0", "backend": "b"}, ROOT)
-            await d._handle({"command": "drain", "service": "wg0", "backend": "c"}, ROOT)
+            await d.requests.handle({"command": "switch", "service": "wg0", "backend": "b"}, ROOT)
+            await d.requests.handle({"command": "drain", "service": "wg0", "backend": "c"}, ROOT)
             assert d.services["wg0"].active == "b"
         saved = json.loads((rig.tmp / "state" / STATE_FILE).read_text())
         assert saved["services"]["wg0"]["pin"] == {"backend": "b", "armed": True}
@@ -477,20 +378,20 @@ def test_switch_refuses_a_down_backend_unless_forced(rig: Rig) -> None:
             assert rt.health["c"].state is HealthState.DOWN
             request: dict[str, Any] = {"command": "switch", "service": "wg0", "backend": "c"}
             with pytest.raises(RequestError) as refused:
-                await d._handle(request, ROOT)
+                await d.requests.handle(request, ROOT)
             assert refused.value.code == 1
             assert "down" in str(refused.value)
             assert rt.active == "a" and rt.pin is None
 
             rig.calls.clear()
-            reply = await d._handle({**request, "force": True}, ROOT)
+            reply = await d.requests.handle({**request, "force": True}, ROOT)
             assert reply["active"] == "c"
             assert rt.pin == sel.Pin("c", armed=False)  # a forced pin outlives c being down
             assert rig.calls == [("apply", {"wg0": "c"}), ("cleanup", mark("a"), A)]
             await rounds(d, 2)
             assert rt.active == "c"
 
-            reply = await d._handle({"command": "release", "service": "wg0"}, ROOT)
+            reply = await d.requests.handle({"command": "release", "service": "wg0"}, ROOT)
             assert rt.pin is None
             await rounds(d, 1)  # c is DOWN and no longer pinned: failover to a
             assert rt.active == "a"
@@ -503,7 +404,9 @@ def test_switch_to_an_up_backend_pins_it(rig: Rig) -> None:
         async with running(rig.daemon()) as d:
             rt = await up_on_a(rig, d)
             rig.calls.clear()
-            reply = await d._handle({"command": "switch", "service": "wg0", "backend": "c"}, ROOT)
+            reply = await d.requests.handle(
+                {"command": "switch", "service": "wg0", "backend": "c"}, ROOT
+            )
             assert reply["active"] == "c"
             assert rt.pin == sel.Pin("c", armed=True)
             assert rig.calls == [("apply", {"wg0": "c"}), ("cleanup", mark("a"), A)]
@@ -524,7 +427,7 @@ def test_switch_or_drain_the_firewall_refuses_changes_nothing(rig: Rig) -> None:
             for command in ("switch", "drain"):
                 rig.dp.fail_next = 1
                 with pytest.raises(RequestError) as refused:
-                    await d._handle(
+                    await d.requests.handle(
                         {
                             "command": command,
                             "service": "wg0",
@@ -546,9 +449,9 @@ def test_switch_refuses_a_drained_backend_even_forced(rig: Rig) -> None:
     async def main() -> None:
         async with running(rig.daemon()) as d:
             await up_on_a(rig, d)
-            await d._handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
+            await d.requests.handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
             with pytest.raises(RequestError, match="drained"):
-                await d._handle(
+                await d.requests.handle(
                     {"command": "switch", "service": "wg0", "backend": "b", "force": True}, ROOT
                 )
             assert d.services["wg0"].active == "a"
@@ -561,14 +464,16 @@ def test_drain_of_the_active_backend_moves_traffic(rig: Rig) -> None:
         async with running(rig.daemon()) as d:
             rt = await up_on_a(rig, d)
             rig.calls.clear()
-            reply = await d._handle({"command": "drain", "service": "wg0", "backend": "a"}, ROOT)
+            reply = await d.requests.handle(
+                {"command": "drain", "service": "wg0", "backend": "a"}, ROOT
+            )
             assert reply["active"] == "b"
             assert rig.calls == [("apply", {"wg0": "b"}), ("cleanup", mark("a"), A)]
             await until(lambda: len(rig.hooks.events) == 2)
             assert rig.hooks.events[-1][1].reason == "drain"
             await rounds(d, 2)  # a is UP but drained: stays out
             assert rt.active == "b"
-            await d._handle({"command": "undrain", "service": "wg0", "backend": "a"}, ROOT)
+            await d.requests.handle({"command": "undrain", "service": "wg0", "backend": "a"}, ROOT)
             assert rt.active == "b"  # sticky: no move back
             assert rt.drained == set()
 
@@ -580,18 +485,22 @@ def test_unknown_service_backend_or_command_is_refused(rig: Rig) -> None:
         async with running(rig.daemon()) as d:
             await up_on_a(rig, d)
             with pytest.raises(RequestError, match="no service 'wg9'") as exc:
-                await d._handle({"command": "switch", "service": "wg9", "backend": "a"}, ROOT)
+                await d.requests.handle(
+                    {"command": "switch", "service": "wg9", "backend": "a"}, ROOT
+                )
             assert exc.value.code == 1
             with pytest.raises(RequestError, match="no backend 'z'"):
-                await d._handle({"command": "drain", "service": "wg0", "backend": "z"}, ROOT)
+                await d.requests.handle(
+                    {"command": "drain", "service": "wg0", "backend": "z"}, ROOT
+                )
             with pytest.raises(RequestError, match="no backend"):
-                await d._handle({"command": "switch", "service": "wg0"}, ROOT)
+                await d.requests.handle({"command": "switch", "service": "wg0"}, ROOT)
             with pytest.raises(RequestError, match="no service"):
-                await d._handle({"command": "release"}, ROOT)
+                await d.requests.handle({"command": "release"}, ROOT)
             with pytest.raises(RequestError) as unknown:
-                await d._handle({"command": "explode"}, ROOT)
+                await d.requests.handle({"command": "explode"}, ROOT)
             assert unknown.value.code == 2
-            assert (await d._handle({"command": "ping"}, ROOT))["message"] == "pong"
+            assert (await d.requests.handle({"command": "ping"}, ROOT))["message"] == "pong"
             assert d.services["wg0"].active == "a"
             assert d.services["wg0"].drained == set()
 
@@ -603,8 +512,8 @@ def test_status_matches_the_contract(rig: Rig) -> None:
         async with running(rig.daemon()) as d:
             rig.set_up(a=True, b=True, c=False)
             await rounds(d, 2)
-            await d._handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
-            status = await d._handle({"command": "status"}, ROOT)
+            await d.requests.handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
+            status = await d.requests.handle({"command": "status"}, ROOT)
             status = json.loads(json.dumps(status))  # what natfailctl gets
             assert set(status) == {"services"}
             (service,) = status["services"]
@@ -653,7 +562,7 @@ def test_bad_reload_is_refused_and_changes_nothing(rig: Rig) -> None:
             good = rig.path.read_text()
             rig.path.write_text(good.replace("priority = 100", "priority = 'high'"))
             with pytest.raises(RequestError) as refused:
-                await d._handle({"command": "reload"}, ROOT)
+                await d.requests.handle({"command": "reload"}, ROOT)
             assert refused.value.code == 2
             assert "priority" in str(refused.value)
             # a [daemon] change needs a restart: refused as well
@@ -683,7 +592,7 @@ def test_reload_that_removes_the_active_backend_moves_traffic(rig: Rig) -> None:
             rig.calls.clear()
             since = len(rig.dp.applied)
             rig.write(rig.text(wg0=[("b", 50), ("c", 10)]))
-            reply = await d._handle({"command": "reload"}, ROOT)
+            reply = await d.requests.handle({"command": "reload"}, ROOT)
             assert "0 added, 0 removed" in reply["message"]
             assert d.config.services[0].backend("a") is None
             # one transaction straight to b (never a moment without the DNAT), then
@@ -806,7 +715,7 @@ def test_a_ruleset_change_event_triggers_reconcile(rig: Rig) -> None:
         async with running(d):
             await up_on_a(rig, d)
             rig.dp.flush()
-            d._reconcile_requested.set()  # what the nft monitor's callback does
+            d.request_check()  # what the nft monitor's callback does
             await until(lambda: dnat_of(rig.dp.installed) == A)
 
     asyncio.run(main())
@@ -836,7 +745,7 @@ def test_keys_stay_out_of_logs_status_and_errors(
             for path in (rig.tmp / "probe.key", rig.tmp / "probe.psk"):
                 path.chmod(0o644)
                 with pytest.raises(RequestError) as refused:
-                    await d._handle({"command": "reload"}, ROOT)
+                    await d.requests.handle({"command": "reload"}, ROOT)
                 assert refused.value.code == 2
                 message = str(refused.value)
                 assert str(path) in message and "too open" in message
@@ -855,3 +764,25 @@ def test_keys_stay_out_of_logs_status_and_errors(
     for secret in secrets:
         for out in outputs:
             assert secret not in out
+
+
+def test_a_preempt_comes_when_it_falls_due_not_at_the_next_probe_round(rig: Rig) -> None:
+    """The controller asks for a wake-up at the preempt's time; no probe round
+    runs in between (the test runs none)."""
+    text = rig.text().replace(
+        'notify = "', 'failback = "preempt"\npreempt_delay = 0.3\nnotify = "', 1
+    )
+
+    async def main() -> None:
+        async with running(rig.daemon(text=text)) as d:
+            rig.set_up(a=False, b=True, c=True)
+            await rounds(d, 2)
+            rt = d.services["wg0"]
+            assert rt.active == "b"
+            rig.set_up(a=True)
+            await rounds(d, 2)  # a is up again, from now on
+            assert rt.active == "b"
+            await until(lambda: rt.active == "a", timeout=3)
+            assert d.switches.last(1)[0].reason == "preempt"
+
+    asyncio.run(main())

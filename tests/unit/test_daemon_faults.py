@@ -20,13 +20,12 @@ from natfail.core import ruleset
 from natfail.core.health import HealthState
 from natfail.daemon import STATE_FILE, Daemon
 from natfail.io.control import RequestError
+from natfail.io.fakes import FakeTransport
 from natfail.io.probe_transport import ProbeResult
 from tests.unit.test_daemon import (
     ADDRESS,
     ROOT,
     A,
-    FakeTransport,
-    ManualDaemon,
     Rig,
     dnat_of,
     rig,
@@ -120,11 +119,11 @@ def test_a_reload_that_fails_anywhere_rolls_back(rig: Rig, monkeypatch: pytest.M
             config, health = d.config, dict(rt.health)
             rig.path.write_text(rig.text(wg1=True, wg0=[("a", 100), ("c", 10)]))
 
-            def broken(actives: dict[str, str | None]) -> ruleset.Ruleset:
+            def broken(services: object, actives: dict[str, str | None]) -> ruleset.Ruleset:
                 raise RuntimeError("a bug")
 
             with monkeypatch.context() as m:
-                m.setattr(d, "_build", broken)
+                m.setattr(d.firewall, "build", broken)
                 with pytest.raises(RequestError, match="running config stays"):
                     await d.reload()
             assert d.config is config
@@ -151,12 +150,12 @@ def test_the_main_loop_survives_a_reload_that_raises(
                 raise KeyError("a bug")
 
             monkeypatch.setattr(d, "reload", explode)
-            d._reload_requested.set()  # what SIGHUP does
+            d.request_reload()  # what SIGHUP does
             await until(lambda: calls == 1)
             await asyncio.sleep(0.05)
-            d._reload_requested.set()
+            d.request_reload()
             await until(lambda: calls == 2)  # still serving signals
-            assert not d._stop.is_set()
+            assert not d.stopping
 
     with caplog.at_level(logging.ERROR, logger="natfail"):
         asyncio.run(main())
@@ -231,7 +230,7 @@ def test_force_must_be_a_boolean(rig: Rig) -> None:
             await rounds(d, 2)
             for value in ("false", 0, 1, None, "yes"):
                 with pytest.raises(RequestError) as refused:
-                    await d._handle(
+                    await d.requests.handle(
                         {"command": "switch", "service": "wg0", "backend": "c", "force": value},
                         ROOT,
                     )
@@ -239,10 +238,10 @@ def test_force_must_be_a_boolean(rig: Rig) -> None:
                 assert "force must be true or false" in str(refused.value)
             assert d.services["wg0"].active == "a"
             with pytest.raises(RequestError, match="use --force"):
-                await d._handle(
+                await d.requests.handle(
                     {"command": "switch", "service": "wg0", "backend": "c", "force": False}, ROOT
                 )
-            reply = await d._handle(
+            reply = await d.requests.handle(
                 {"command": "switch", "service": "wg0", "backend": "c", "force": True}, ROOT
             )
             assert reply["active"] == "c"
@@ -258,7 +257,9 @@ def test_a_drain_that_cannot_be_saved_is_not_answered_ok(rig: Rig) -> None:
             state.unlink(missing_ok=True)
             state.mkdir()  # the write fails as on a full disk
             with pytest.raises(RequestError, match="lost when natfail restarts") as lost:
-                await d._handle({"command": "drain", "service": "wg0", "backend": "b"}, ROOT)
+                await d.requests.handle(
+                    {"command": "drain", "service": "wg0", "backend": "b"}, ROOT
+                )
             assert lost.value.code == 1
 
     asyncio.run(main())
@@ -309,10 +310,19 @@ class ClockJump:
 def test_after_a_stall_probe_rounds_do_not_come_back_to_back(rig: Rig) -> None:
     clock = ClockJump()
     text = rig.text().replace("interval = 0.05", "interval = 0.4")
+    starts: list[float] = []
+
+    class Timed(FakeTransport):
+        async def probe(self, keys: object, target: cfg.Endpoint, timeout: float) -> ProbeResult:
+            if str(target) == A:
+                starts.append(time.monotonic())
+            return await super().probe(keys, target, timeout)  # type: ignore[arg-type]
+
+    rig.transport = Timed()
 
     async def main() -> None:
         config = rig.write(text)
-        d = ManualDaemon(
+        d = Daemon(
             config,
             dataplane=rig.dp,
             conntrack=rig.ct,
@@ -321,20 +331,10 @@ def test_after_a_stall_probe_rounds_do_not_come_back_to_back(rig: Rig) -> None:
             hooks=rig.hooks,
             monotonic=clock,
         )
-        starts: list[float] = []
-        original = d._probe_round
-
-        async def round_(rt: object) -> None:
-            starts.append(time.monotonic())
-            await original(rt)  # type: ignore[arg-type]
-
-        d._probe_round = round_  # type: ignore[method-assign]
         async with running(d):
-            loop = asyncio.create_task(d._service_loop(d.services["wg0"]))
             await until(lambda: len(starts) == 1)
             clock.offset += 20.0  # stopped for 20 s
             await until(lambda: len(starts) == 3, timeout=10)
-            loop.cancel()
         gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert min(gaps) >= 0.2, gaps  # never two rounds back to back
 
@@ -402,14 +402,14 @@ def test_a_foreign_nat_of_the_public_endpoint_is_reported(
             public = cfg.Endpoint.parse(PUBLIC)
             ours = cfg.Endpoint.parse(A)
             rig.ct.flows[PUBLIC] = {ours: 3, public: 1}
-            await d._check_foreign_all()
+            await d.foreign.check_all()
             assert json.loads(json.dumps(d.status()))["services"][0]["warnings"] == []
             rig.ct.flows[PUBLIC] = {ours: 3, cfg.Endpoint.parse("192.0.2.99:51820"): 2}
-            await d._check_foreign_all()
+            await d.foreign.check_all()
             (warning,) = d.status()["services"][0]["warnings"]
             assert "192.0.2.99:51820 (2 flows)" in warning
             rig.ct.flows[PUBLIC] = {ours: 3}
-            await d._check_foreign_all()
+            await d.foreign.check_all()
             assert d.status()["services"][0]["warnings"] == []
 
     with caplog.at_level(logging.INFO, logger="natfail"):
@@ -440,7 +440,7 @@ def test_a_probe_in_flight_across_a_reload_is_not_counted_for_the_new_address(
         async with running(rig.daemon()) as d:
             rt = d.services["wg0"]
             rig.set_up(a=True, b=True, c=True)
-            in_flight = asyncio.create_task(d._probe_round(rt))
+            in_flight = asyncio.create_task(d.probe_round("wg0"))
             await asyncio.sleep(0.05)  # a's probe is out, to the old address
             rig.path.write_text(rig.text().replace(A, "10.0.0.9:51820"))
             await d.reload()

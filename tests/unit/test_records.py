@@ -51,16 +51,16 @@ def test_the_daemon_records_every_switch_and_answers_events(rig: Rig) -> None:
             await up_on_a(rig, d)
             rig.set_up(a=False)
             await rounds(d, 2)
-            events = (await d._handle({"command": "events"}, ROOT))["events"]
+            events = (await d.requests.handle({"command": "events"}, ROOT))["events"]
             assert [(e["from"], e["to"], e["reason"]) for e in events] == [
                 (None, "a", "initial"),
                 ("a", "b", "failover"),
             ]
-            last = await d._handle({"command": "events", "count": 1}, ROOT)
+            last = await d.requests.handle({"command": "events", "count": 1}, ROOT)
             assert [e["to"] for e in last["events"]] == ["b"]
             for bad in (0, -1, 1001, "5", True, 2.5):
                 with pytest.raises(RequestError) as refused:
-                    await d._handle({"command": "events", "count": bad}, ROOT)
+                    await d.requests.handle({"command": "events", "count": bad}, ROOT)
                 assert refused.value.code == 2
 
     asyncio.run(main())

@@ -1,0 +1,395 @@
+"""One service's whole state machine, as pure functions over a frozen state.
+
+Events come in (a probe round's results, an operator command); the new
+state and the *effects* come out. The daemon carries an :class:`Outcome`
+out in the order the design fixes, and decides nothing itself:
+
+1. ``effects``: log lines and other work that happens whatever follows;
+2. ``transaction``: the service's DNAT moves to a new backend, in one
+   firewall transaction (batched with other services' moves that fall due
+   together);
+3. only if that transaction succeeded, ``after`` (the conntrack cleanup of
+   the old backend, then the switch record, then the state file), and the
+   state becomes ``state``; if it failed, ``failed`` runs and the state
+   becomes ``kept``: the last good state, with what was learned meanwhile.
+
+Health stays the one transition table in :mod:`natfail.core.health`; the
+choice of backend stays :func:`natfail.core.selector.select`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from natfail.core import health as hl
+from natfail.core import selector as sel
+from natfail.core.model import Backend, Endpoint, Service
+from natfail.core.ruleset import backend_mark
+
+# -- the state -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """Everything natfail knows and wants about one service."""
+
+    service: Service
+    health: Mapping[str, hl.BackendHealth]
+    active: str | None = None
+    pin: sel.Pin | None = None
+    drained: frozenset[str] = frozenset()
+    failovers: int = 0
+    no_healthy: bool = False
+    keys_epoch: int = 0
+    """Bumped whenever the service's probe keys change: a probe made with
+    older keys says nothing about the backend."""
+
+    @classmethod
+    def initial(
+        cls,
+        service: Service,
+        now: float,
+        *,
+        active: str | None = None,
+        pin: sel.Pin | None = None,
+        drained: frozenset[str] = frozenset(),
+    ) -> ServiceState:
+        names = {b.name for b in service.backends}
+        return cls(
+            service=service,
+            health={b.name: hl.BackendHealth.initial(now) for b in service.backends},
+            active=active if active in names else None,
+            pin=pin if pin is not None and pin.backend in names else None,
+            drained=frozenset(drained & names),
+        )
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def candidates(self) -> list[sel.Candidate]:
+        return [
+            sel.Candidate(
+                b.name,
+                b.priority,
+                self.health[b.name].state,
+                self.health[b.name].since,
+                self.health[b.name].loss,
+                self.health[b.name].failures,
+            )
+            for b in self.service.backends
+        ]
+
+
+# -- the effects -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Log:
+    level: int
+    message: str
+
+
+@dataclass(frozen=True)
+class LocalProbeError:
+    """A probe failed on this gateway (no file descriptors, say): reported, and
+    never counted against the backend."""
+
+    service: str
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Cleanup:
+    """Remove the conntrack entries of one backend of a service."""
+
+    service: str
+    backend: str
+    mark: int
+    address: Endpoint
+
+    @classmethod
+    def of(cls, service: Service, backend: Backend) -> Cleanup:
+        return cls(
+            service.name, backend.name, backend_mark(service.name, backend.name), backend.address
+        )
+
+
+@dataclass(frozen=True)
+class Switched:
+    """The traffic moved: record it, count it in the metrics, run the hook.
+    The daemon adds the times it measured (swap, cleanup)."""
+
+    service: str
+    previous: str | None
+    active: str
+    reason: str
+    address: Endpoint
+
+
+@dataclass(frozen=True)
+class SaveState:
+    """Write the operator's wishes (pins, drains, the active backend)."""
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """Move ``service``'s DNAT to ``active`` (one firewall transaction)."""
+
+    service: str
+    active: str
+
+
+Effect = Log | LocalProbeError | Cleanup | Switched | SaveState
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: ServiceState
+    effects: tuple[Effect, ...] = ()
+    transaction: Transaction | None = None
+    after: tuple[Effect, ...] = ()
+    failed: tuple[Effect, ...] = ()
+    kept: ServiceState | None = None
+    """The state to keep when the transaction fails (with ``transaction`` only)."""
+    wake_at: float | None = None
+    """When the service wants :func:`decide` again without a new probe result
+    (a preempt that falls due between probe rounds)."""
+
+
+# -- probe rounds ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Probed:
+    """One probe's result, with what was probed: a reload while the probe was
+    in flight may have changed the backend's address or the keys."""
+
+    backend: str
+    address: Endpoint
+    up: bool
+    reason: str
+    rtt: float | None = None
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class Round:
+    results: tuple[Probed, ...]
+    keys_epoch: int
+    at: float
+
+
+def _describe(result: Probed) -> str:
+    if result.up and result.rtt is not None:
+        return f"rtt {result.rtt * 1000:.2f} ms"
+    return result.reason
+
+
+def observe_round(state: ServiceState, probe_round: Round) -> Outcome:
+    """Feed a round's results to the backends' health, then decide."""
+    health = dict(state.health)
+    effects: list[Effect] = []
+    went_down: list[str] = []
+    settings = state.service.probe
+    for result in probe_round.results:
+        old = health.get(result.backend)
+        backend = state.service.backend(result.backend)
+        if (
+            old is None
+            or backend is None
+            or backend.address != result.address
+            or probe_round.keys_epoch != state.keys_epoch
+        ):
+            continue  # probed before a reload changed it: says nothing now
+        if result.local:
+            effects.append(LocalProbeError(state.name, result.backend, result.reason))
+            continue
+        new = hl.observe(
+            old,
+            result.up,
+            max(probe_round.at, old.since),
+            settings.rise,
+            settings.fall,
+            rtt=result.rtt if result.up else None,
+            reason="" if result.up else result.reason,
+        )
+        health[result.backend] = new
+        if new.state != old.state:
+            effects.append(
+                Log(
+                    logging.INFO,
+                    f"{state.name}: backend {result.backend} is {new.state.value} "
+                    f"({_describe(result)})",
+                )
+            )
+            if new.state is hl.HealthState.DOWN and result.backend != state.active:
+                went_down.append(result.backend)
+    observed = replace(state, health=health)
+    outcome = decide(observed, probe_round.at)
+    # A standby can own flows (it was active before, or its own packet reached
+    # a client after the client's flow had expired); the client's keepalives
+    # would keep them alive after it died. Removed, the next packet takes the
+    # DNAT to the active backend.
+    forget = tuple(
+        Cleanup.of(state.service, b) for b in state.service.backends if b.name in went_down
+    )
+
+    def standby(after: ServiceState) -> tuple[Effect, ...]:
+        return tuple(c for c in forget if c.backend != after.active)
+
+    if outcome.transaction is None:
+        return replace(outcome, effects=(*effects, *outcome.effects, *standby(outcome.state)))
+    assert outcome.kept is not None
+    return replace(
+        outcome,
+        effects=(*effects, *outcome.effects),
+        after=(*outcome.after, *standby(outcome.state)),
+        failed=(*outcome.failed, *standby(outcome.kept)),
+    )
+
+
+# -- the decision ----------------------------------------------------------------------
+
+
+def decide(state: ServiceState, now: float) -> Outcome:
+    """Which backend carries the service now, and what it takes to get there."""
+    service = state.service
+    decision = sel.select(
+        state.candidates(),
+        current=state.active,
+        now=now,
+        drained=state.drained,
+        pin=state.pin,
+        failback=service.failback,
+        preempt_delay=service.preempt_delay,
+    )
+    effects: list[Effect] = []
+    if decision.no_healthy and not state.no_healthy:
+        effects.append(
+            Log(
+                logging.ERROR,
+                f"{state.name}: no healthy backend; traffic stays on {state.active or 'nothing'}",
+            )
+        )
+    if decision.pin_dropped:
+        effects.append(
+            Log(
+                logging.INFO,
+                f"{state.name}: pin on {state.pin.backend if state.pin else '?'} ended "
+                f"({decision.reason})",
+            )
+        )
+    decided = replace(state, no_healthy=decision.no_healthy, pin=decision.pin)
+    if not decision.changed or decision.active is None:
+        if decision.pin != state.pin:
+            effects.append(SaveState())
+        return Outcome(decided, tuple(effects), wake_at=decision.next_check)
+    moved = _move(decided, decision.active, decision.reason, tuple(effects), kept=decided)
+    return replace(moved, wake_at=decision.next_check)
+
+
+def _move(
+    state: ServiceState,
+    active: str,
+    reason: str,
+    effects: tuple[Effect, ...],
+    *,
+    kept: ServiceState,
+) -> Outcome:
+    service = state.service
+    previous = state.active
+    target = service.backend(active)
+    assert target is not None, "the selector chose a backend the service does not have"
+    moved = replace(
+        state, active=active, failovers=state.failovers + (1 if previous is not None else 0)
+    )
+    after: list[Effect] = []
+    old = service.backend(previous) if previous is not None else None
+    if old is not None:
+        after.append(Cleanup.of(service, old))
+    after += [Switched(state.name, previous, active, reason, target.address), SaveState()]
+    return Outcome(moved, effects, Transaction(state.name, active), tuple(after), kept=kept)
+
+
+# -- operator commands -----------------------------------------------------------------
+
+Command = Literal["switch", "release", "drain", "undrain"]
+COMMANDS: tuple[Command, ...] = ("switch", "release", "drain", "undrain")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An operator command that cannot be carried out, and why."""
+
+    message: str
+    usage: bool = False
+    """True when the request itself was malformed (exit code "usage")."""
+
+
+@dataclass(frozen=True)
+class Commanded:
+    outcome: Outcome
+    message: str
+
+
+@dataclass(frozen=True)
+class Request:
+    command: Command
+    backend: object = None
+    force: object = False
+
+
+def command(state: ServiceState, request: Request, now: float) -> Commanded | Refused:
+    """An operator's switch, release, drain or undrain. When the firewall
+    refuses the move, everything goes back as it was (``kept``): nothing is
+    left to happen later without the operator."""
+    name = state.name
+    if request.command == "release":
+        if state.pin is None:
+            return Commanded(Outcome(state), f"{name}: not pinned")
+        wished, message = replace(state, pin=None), f"{name}: pin released"
+    else:
+        backend = request.backend
+        if not isinstance(backend, str) or state.service.backend(backend) is None:
+            names = ", ".join(b.name for b in state.service.backends)
+            return Refused(f"service {name} has no backend {backend!r} ({names})")
+        health = state.health[backend].state
+        if request.command == "switch":
+            if backend in state.drained:
+                return Refused(f"{name}: backend {backend} is drained (undrain it first)")
+            if not isinstance(request.force, bool):
+                # "false" is a non-empty string: never let it mean yes.
+                return Refused(f"force must be true or false, not {request.force!r}", usage=True)
+            if health != hl.HealthState.UP and not request.force:
+                return Refused(
+                    f"{name}: backend {backend} is {health.value}; use --force to switch anyway"
+                )
+            wished = replace(state, pin=sel.Pin.new(backend, health))
+            message = f"{name}: switched to {backend}, pinned until it fails or release"
+        elif request.command == "drain":
+            wished = replace(state, drained=state.drained | {backend})
+            message = f"{name}: backend {backend} drained"
+        else:
+            wished = replace(state, drained=state.drained - {backend})
+            message = f"{name}: backend {backend} back in selection"
+    outcome = decide(wished, now)
+    if outcome.transaction is not None:
+        outcome = replace(outcome, kept=state)
+    elif SaveState() not in outcome.effects:
+        outcome = replace(outcome, effects=(*outcome.effects, SaveState()))
+    return Commanded(outcome, message)
+
+
+# -- start-up --------------------------------------------------------------------------
+
+
+def stray_cleanups(state: ServiceState) -> list[Cleanup]:
+    """At start-up: a daemon killed between a swap and its conntrack cleanup
+    leaves flows pinned to the old backend; only the active one's may stay."""
+    if state.active is None:
+        return []
+    return [Cleanup.of(state.service, b) for b in state.service.backends if b.name != state.active]
