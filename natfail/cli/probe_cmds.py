@@ -1,4 +1,5 @@
-"""`natfailctl probe` and `natfailctl probe-peer`: they work without a daemon.
+"""`natfailctl probe` and `natfailctl probe-peer`: they work without a daemon
+(`probe` has a running daemon run the probe, see `probe`).
 
 Imported only when one of them runs, so the rest of natfailctl stays fast."""
 
@@ -10,11 +11,15 @@ import base64
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from natfail import commands, exitcodes
 from natfail import config as cfg
-from natfail import exitcodes
 from natfail.cli.common import Refused, UsageError
 from natfail.core import noise
+
+if TYPE_CHECKING:
+    from natfail.io.probe_transport import ProbeResult, ProbeTransport
 
 
 def _config_or_none(path: Path | None) -> cfg.Config | None:
@@ -43,15 +48,74 @@ def _key_from_file(path: Path, what: str) -> bytes:
 def _timestamp_path(conf: cfg.Config | None) -> Path | None:
     from natfail.io.timestamps import STATE_FILE
 
+    # Only root: the daemon runs probes for root alone (see _daemon_socket),
+    # so anyone else probes alone even while a daemon runs, and must not
+    # take the file's lease from under it. Without the file, stamps start
+    # from the wall clock, which cannot get ahead of a running daemon's.
+    if os.geteuid() != 0:
+        return None
     state_dir = conf.daemon.state_dir if conf else cfg.DEFAULT_DAEMON.state_dir
     if os.access(state_dir, os.W_OK):
         return state_dir / STATE_FILE
     return None
 
 
+def _daemon_socket(args: argparse.Namespace) -> Path | None:
+    """Where to ask a running daemon to probe; None when it would refuse us
+    (only root may run its "probe" command)."""
+    if os.geteuid() != 0:
+        return None
+    from natfail.cli.daemon_cmds import socket_path
+
+    return socket_path(args)
+
+
+def _result_from_reply(reply: dict[str, Any]) -> ProbeResult:
+    from natfail.io.probe_transport import ProbeResult
+
+    data = reply.get("result")
+    if not isinstance(data, dict):
+        data = {}
+    up, reason, rtt_ms = data.get("up"), data.get("reason"), data.get("rtt_ms")
+    invalid, detail, local = data.get("invalid_replies"), data.get("detail"), data.get("local")
+    if not (
+        isinstance(up, bool)
+        and isinstance(reason, str)
+        and isinstance(detail, str)
+        and isinstance(invalid, int)
+        and isinstance(local, bool)
+        and (rtt_ms is None or isinstance(rtt_ms, (int, float)))
+    ):
+        raise Refused("the daemon sent an unreadable probe result")
+    rtt = None if rtt_ms is None else rtt_ms / 1000.0
+    return ProbeResult(up, reason, rtt, invalid, detail, local=local)
+
+
+def _line(target: cfg.Endpoint, result: ProbeResult) -> str:
+    if result.up:
+        line = f"{target}: up, rtt {result.rtt_ms or 0.0:.2f} ms"
+        if result.reason != "ok":
+            line += f" ({result.reason})"
+    else:
+        line = f"{target}: down, {result.reason}"
+        if result.local:
+            line += f" ({result.detail}: on this host, not the backend's fault)"
+        elif result.detail:
+            line += f" ({result.detail})"
+    if result.invalid_replies:
+        line += f", {result.invalid_replies} invalid repl"
+        line += "y" if result.invalid_replies == 1 else "ies"
+    return line
+
+
 def probe(args: argparse.Namespace) -> int:
-    from natfail.io.probe_transport import UdpProbeTransport
-    from natfail.io.timestamps import TimestampClock
+    """With a daemon running, each attempt is the daemon's (its socket, its
+    clock: natfailctl's own clock would start above the timestamp file's
+    lease, ahead of the daemon's stamps, and a backend would then drop the
+    daemon's probes as replays). Without one, or when the daemon holds no
+    probe key like ours, natfailctl probes alone."""
+    from natfail.cli import client
+    from natfail.cli.common import Unreachable
 
     try:
         target = cfg.Endpoint.parse(args.target)
@@ -76,29 +140,51 @@ def probe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"probe: --server-key: {exc}") from None
 
-    transport = UdpProbeTransport(TimestampClock(_timestamp_path(conf)))
+    request: dict[str, Any] = {
+        "command": commands.PROBE,
+        "target": str(target),
+        "server_public_key": base64.b64encode(server_key).decode(),
+        "probe_public_key": base64.b64encode(keys.public_key).decode(),
+        "timeout": args.timeout,
+    }
+    if args.psk_file:
+        request["preshared_key"] = base64.b64encode(psk).decode()
+    daemon = _daemon_socket(args)
+    standalone: list[ProbeTransport] = []
+
+    async def alone() -> ProbeResult:
+        if not standalone:
+            from natfail.io.probe_transport import UdpProbeTransport
+            from natfail.io.timestamps import TimestampClock
+
+            standalone.append(UdpProbeTransport(TimestampClock(_timestamp_path(conf))))
+        return await standalone[0].probe(keys, target, args.timeout)
 
     async def attempts() -> bool:
+        nonlocal daemon
         up = False
         for attempt in range(args.count):
             if attempt:
                 await asyncio.sleep(args.interval)
-            result = await transport.probe(keys, target, args.timeout)
+            result: ProbeResult | None = None
+            if daemon is not None:
+                try:
+                    reply = client.call(daemon, request, timeout=args.timeout + client.TIMEOUT)
+                except Unreachable:
+                    daemon = None
+                except (Refused, UsageError) as exc:
+                    raise type(exc)(f"probe: the running daemon refused it: {exc}") from None
+                else:
+                    if reply.get("held"):
+                        result = _result_from_reply(reply)
+                    else:
+                        daemon = None  # not the daemon's key: ours cannot disturb it
+            if result is None:
+                result = await alone()
             up = result.up
-            if result.up:
-                line = f"{target}: up, rtt {result.rtt_ms:.2f} ms"
-                if result.reason != "ok":
-                    line += f" ({result.reason})"
-            else:
-                line = f"{target}: down, {result.reason}"
-                if result.local:
-                    line += f" ({result.detail}: on this host, not the backend's fault)"
-                elif result.detail:
-                    line += f" ({result.detail})"
-            if result.invalid_replies:
-                line += f", {result.invalid_replies} invalid repl"
-                line += "y" if result.invalid_replies == 1 else "ies"
-            print(line, flush=True)
+            print(_line(target, result), flush=True)
+        for transport in standalone:
+            transport.close()
         return up
 
     return exitcodes.OK if asyncio.run(attempts()) else exitcodes.FAILED

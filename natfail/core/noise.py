@@ -14,21 +14,23 @@ from the OS. Peer misbehaviour is a value (``Ignored``), never an exception:
 datagram content. Caller mistakes (a 13-byte timestamp, a sender index over
 32 bits) raise ``ValueError``.
 
-Byte layout and scapy. The layout is that of ``scapy.contrib.wireguard``
+Byte layout and scapy. Packets are laid out by ``scapy.contrib.wireguard``
 (``Wireguard`` header, then ``WireguardInitiation``, ``WireguardResponse``
-or ``WireguardCookieReply``): ``LAYOUTS`` below names every field by its
-scapy field name, with offset and size, and ``verify_scapy_layout()`` checks
-that table against scapy field by field (dissect and build). The unit tests
-run it, check that scapy dissects our packets into the right field values,
-and feed scapy-built packets to ``consume``. The hot path itself does not use
-scapy: it slices and concatenates bytes at the offsets of that table. Why:
-the probe has a CPU budget of 150 us for build + consume, and on the
-reference machine (2-core AMD EPYC VM, Python 3.11, scapy 2.8) scapy takes
-about 110 us to build one initiation and about 33 us to dissect one response
--- most of the budget before any cryptography, which itself needs about
-130 us (four X25519 operations at ~32 us). ``import scapy`` also costs about
-0.5 s, so it is imported lazily, only by ``to_scapy`` and
-``verify_scapy_layout``; ``import natfail.core.noise`` stays fast.
+or ``WireguardCookieReply``), without scapy's cost on the hot path: scapy
+takes about 110 us to build one initiation and 33 us to dissect one
+response, most of the probe's CPU budget before any cryptography. So scapy
+builds the initiation once per process (``initiation_template``: the
+packet with its constant fields, and where each field lies in it, as
+scapy's own field code writes them), and each probe fills its own fields
+(sender index, ephemeral, encrypted static and timestamp, mac1, mac2) into
+a copy at those positions. Replies are read at the offsets of ``LAYOUTS``,
+which names every field by its scapy field name; ``verify_scapy_layout()``
+checks that table against scapy field by field (dissect and build), and the
+unit tests run it, check that scapy dissects our packets into the right
+field values, and feed scapy-built packets to ``consume``. ``import scapy``
+costs a few tenths of a second, so it is imported lazily, only by
+``initiation_template``, ``to_scapy`` and ``verify_scapy_layout``;
+``import natfail.core.noise`` stays fast and pulls no scapy.
 
 Cost. Everything that depends only on the keys is computed once in ``Keys``:
 the initial chaining key and hash mixed with the server key, the three
@@ -160,12 +162,10 @@ COOKIE_RECEIVER: Final = 4
 COOKIE_NONCE: Final = 8
 COOKIE_ENCRYPTED: Final = 32
 
-_HEADER_INITIATION: Final = bytes((MESSAGE_INITIATION, 0, 0, 0))
 _HEADER_RESPONSE: Final = bytes((MESSAGE_RESPONSE, 0, 0, 0))
 _HEADER_COOKIE_REPLY: Final = bytes((MESSAGE_COOKIE_REPLY, 0, 0, 0))
 
 _ZERO_NONCE: Final = bytes(12)
-_ZERO_MAC: Final = bytes(MAC_SIZE)
 _ZERO_KEY: Final = bytes(KEY_SIZE)
 
 # --- primitives ---------------------------------------------------------------
@@ -371,6 +371,76 @@ _DECRYPT = Ignored(IGNORED_DECRYPT)
 _EPHEMERAL = Ignored(IGNORED_EPHEMERAL)
 
 
+# --- the initiation's template, from scapy -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InitiationTemplate:
+    """The handshake initiation as scapy lays it out: the packet scapy built
+    once with its constant fields (message type, reserved bytes) and every
+    per-probe field zero, and where each per-probe field lies in it."""
+
+    packet: bytes
+    sender_index: slice
+    ephemeral: slice
+    static: slice
+    timestamp: slice
+    mac1: slice
+    mac2: slice
+
+
+_INITIATION: InitiationTemplate | None = None
+_PER_PROBE: Final = {
+    "sender_index": 4,
+    "unencrypted_ephemeral": KEY_SIZE,
+    "encrypted_static": KEY_SIZE + AEAD_TAG_SIZE,
+    "encrypted_timestamp": TIMESTAMP_SIZE + AEAD_TAG_SIZE,
+    "mac1": MAC_SIZE,
+    "mac2": MAC_SIZE,
+}
+
+
+def initiation_template() -> InitiationTemplate:
+    """The initiation's template, built with ``scapy.contrib.wireguard`` on
+    the first call (which imports scapy, about 0.2 s) and kept for the
+    process: nothing in it depends on the keys. Raises ``RuntimeError`` if
+    scapy's layout lacks a field or gives it another size than WireGuard's."""
+    global _INITIATION
+    if _INITIATION is not None:
+        return _INITIATION
+    from scapy.contrib.wireguard import Wireguard, WireguardInitiation
+
+    built = Wireguard(message_type=MESSAGE_INITIATION, reserved_zero=0) / WireguardInitiation()
+    packet = bytes(built)
+    # Each field's position in the built packet: the bytes scapy's own
+    # field code writes for it, one after the other, layer by layer.
+    where: dict[str, slice] = {}
+    offset = 0
+    for layer in (built, built[WireguardInitiation]):
+        for fld in layer.fields_desc:
+            size = len(fld.addfield(layer, b"", layer.getfieldval(fld.name)))
+            where[fld.name] = slice(offset, offset + size)
+            offset += size
+    if offset != len(packet) or len(packet) != INITIATION_SIZE:
+        raise RuntimeError(f"scapy builds a {len(packet)}-byte initiation, not {INITIATION_SIZE}")
+    for name, size in _PER_PROBE.items():
+        found = where.get(name)
+        if found is None or found.stop - found.start != size:
+            raise RuntimeError(f"scapy's initiation has no {size}-byte field {name}")
+    if packet[where["mac1"].start :] != bytes(2 * MAC_SIZE) or where["mac2"].stop != len(packet):
+        raise RuntimeError("scapy's initiation does not end with mac1 and mac2")
+    _INITIATION = InitiationTemplate(
+        packet,
+        where["sender_index"],
+        where["unencrypted_ephemeral"],
+        where["encrypted_static"],
+        where["encrypted_timestamp"],
+        where["mac1"],
+        where["mac2"],
+    )
+    return _INITIATION
+
+
 # --- the initiator ------------------------------------------------------------
 
 
@@ -411,21 +481,21 @@ def build_initiation(
     encrypted_timestamp = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, timestamp, h)
     h = _blake2s(h + encrypted_timestamp).digest()
 
-    message = b"".join(
-        (
-            _HEADER_INITIATION,
-            sender_index.to_bytes(4, "little"),
-            e_pub,
-            encrypted_static,
-            encrypted_timestamp,
-        )
-    )
-    mac1 = _blake2s(message, digest_size=MAC_SIZE, key=keys._mac1_key_out).digest()
-    message += mac1
+    template = _INITIATION or initiation_template()
+    packet = bytearray(template.packet)
+    packet[template.sender_index] = sender_index.to_bytes(4, "little")
+    packet[template.ephemeral] = e_pub
+    packet[template.static] = encrypted_static
+    packet[template.timestamp] = encrypted_timestamp
+    mac1 = _blake2s(
+        packet[: template.mac1.start], digest_size=MAC_SIZE, key=keys._mac1_key_out
+    ).digest()
+    packet[template.mac1] = mac1
     if cookie is not None and now is not None and cookie.fresh(now):
-        message += _blake2s(message, digest_size=MAC_SIZE, key=cookie.value).digest()
-    else:
-        message += _ZERO_MAC
+        packet[template.mac2] = _blake2s(
+            packet[: template.mac2.start], digest_size=MAC_SIZE, key=cookie.value
+        ).digest()
+    message = bytes(packet)
     return message, Handshake(sender_index, chaining_key, h, ephemeral_private, e_pub, mac1)
 
 
@@ -519,6 +589,19 @@ def consume_cookie_reply(
     except InvalidTag:
         return _DECRYPT
     return CookieReceived(Cookie(value, now))
+
+
+def receiver_index(datagram: Datagram) -> int | None:
+    """The receiver index of what has the size and header of a handshake
+    response or a cookie reply, else None. Nothing is verified: it only
+    says which initiation the datagram claims to answer (``consume`` then
+    decides), so a caller holding several can pick the one to try."""
+    size = len(datagram)
+    if size == RESPONSE_SIZE and datagram[:4] == _HEADER_RESPONSE:
+        return int.from_bytes(datagram[RESP_RECEIVER:RESP_EPHEMERAL], "little")
+    if size == COOKIE_REPLY_SIZE and datagram[:4] == _HEADER_COOKIE_REPLY:
+        return int.from_bytes(datagram[COOKIE_RECEIVER:COOKIE_NONCE], "little")
+    return None
 
 
 def consume(handshake: Handshake, keys: Keys, datagram: Datagram, now: float) -> Result:

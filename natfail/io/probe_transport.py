@@ -1,6 +1,19 @@
 """The probe transport: WireGuard handshake initiations over UDP, with
-asyncio. Every probe has its own connected socket, so replies and ICMP
-errors reach the probe they belong to and many probes can be in flight.
+asyncio.
+
+One long-lived connected UDP socket per backend, reused by every probe of
+that backend: one conntrack entry on the gateway per backend (not one per
+probe), and the local port a cookie is bound to stays the same. Its reader
+stays registered for the socket's life (no epoll change per probe). One
+probe per backend is in flight at a time: the daemon never overlaps them,
+and a second probe for the same backend waits until the first is done. A
+reply or ICMP error counts only for the probe whose initiation it names
+(receiver index) or quotes; one that names an earlier probe's initiation
+(late, after that probe's timeout) is dropped, counted for nobody. A socket
+whose send fails with an error that is neither the network's answer nor a
+passing shortage of ours is closed and opened again at once, so an address
+change under a long-lived socket costs no probe. `retain` closes the
+sockets of backends no longer probed, `close` all of them.
 
 The handshake itself (what to send, whether a reply is valid, whether an
 ICMP error quotes our initiation) is decided in `natfail.core.noise`; this
@@ -29,7 +42,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,6 +106,32 @@ _READ_BATCH = 64
 """Datagrams (and queued errors) read per wake-up, so a flood cannot hold
 the event loop; the rest wait for the next turn."""
 _SEND_ATTEMPTS = 4
+_RECENT = 8
+"""Initiations of a backend's earlier probes that are remembered (their
+first `noise.QUOTE_MIN` bytes: type, sender index, ephemeral key), so that
+their late replies and ICMP errors are told from forgeries and dropped."""
+
+# Send errors that leave the socket as good as it was: the network's answer
+# (often an earlier ICMP error reported once), or a passing shortage or a
+# firewall of ours. Any other one (EINVAL or EADDRNOTAVAIL when the source
+# address the socket was connected from is gone, ENOTCONN, EBADF...) gets
+# the backend a new socket.
+_SOCKET_STAYS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.ENOPROTOOPT,
+        errno.ENOBUFS,
+        errno.ENOMEM,
+        errno.EAGAIN,
+        errno.EPERM,
+        errno.EACCES,
+        errno.EINTR,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +155,12 @@ class ProbeResult:
 
 class ProbeTransport(Protocol):
     async def probe(self, keys: noise.Keys, target: Endpoint, timeout: float) -> ProbeResult: ...
+
+    def retain(self, targets: Iterable[Endpoint]) -> None:
+        """Close what is held for every target not in `targets` (after a reload)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def _classify_errno(number: int | None) -> str:
@@ -163,16 +209,28 @@ class _Sent:
 
 
 class _Exchange:
-    """One probe's socket and what arrived on it. Nothing here decides
-    the result; `UdpProbeTransport.probe` does, at the end."""
+    """One probe: what it sent and what arrived for it. Nothing here decides
+    the result; `UdpProbeTransport._run` does, at the end."""
 
-    def __init__(
-        self, sock: socket.socket, keys: noise.Keys, monotonic: Callable[[], float]
-    ) -> None:
-        self.sock = sock
+    __slots__ = (
+        "_cookie_for",
+        "accepted",
+        "cookie",
+        "cookie_pending",
+        "cookies",
+        "icmp",
+        "invalid",
+        "keys",
+        "monotonic",
+        "sent",
+        "waiter",
+    )
+
+    def __init__(self, keys: noise.Keys, monotonic: Callable[[], float]) -> None:
         self.keys = keys
         self.monotonic = monotonic
-        self.sent: list[_Sent] = []
+        self.sent: dict[int, _Sent] = {}
+        """By sender index: a reply names the initiation it answers."""
         self.invalid = 0
         self.accepted: tuple[float, float] | None = None
         """(arrival, send time of the initiation it answers)."""
@@ -183,63 +241,129 @@ class _Exchange:
         self._cookie_for: set[int] = set()
         self.icmp: int | None = None
         """The errno of the first ICMP error that quoted one of our initiations."""
-        self.changed = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def datagram(self, data: bytes, recent: deque[bytes]) -> None:
+        if self.accepted is not None:
+            return
+        index = noise.receiver_index(data)
+        sent = None if index is None else self.sent.get(index)
+        if sent is None:
+            if index is not None:
+                named = index.to_bytes(4, "little")
+                if any(r[4:8] == named for r in recent):
+                    return  # late, for an earlier probe
+            self.invalid += 1
+            return
+        now = self.monotonic()
+        result = noise.consume(sent.handshake, self.keys, data, now)
+        if isinstance(result, noise.Accepted):
+            self.accepted = (now, sent.at)
+            self.wake()
+            return
+        if isinstance(result, noise.CookieReceived) and index not in self._cookie_for:
+            # (A second cookie reply to one initiation is a replay: a real
+            # backend sends one.)
+            self._cookie_for.add(sent.handshake.sender_index)
+            self.cookie = result.cookie
+            self.cookies += 1
+            self.cookie_pending = True
+            self.wake()
+            return
+        self.invalid += 1
+
+    def icmp_error(self, number: int, quoted: bytes, recent: deque[bytes]) -> None:
+        if any(noise.quotes_initiation(s.message, quoted) for s in self.sent.values()):
+            if self.icmp is None:
+                self.icmp = number
+        elif not any(noise.quotes_initiation(r, quoted) for r in recent):
+            self.invalid += 1
+
+
+class _Channel:
+    """One backend's long-lived socket, and the probe using it."""
+
+    def __init__(self, target: Endpoint) -> None:
+        self.target = target
+        self.sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.lock = asyncio.Lock()
+        self.exchange: _Exchange | None = None
+        self.recent: deque[bytes] = deque(maxlen=_RECENT)
+        self.cookie: tuple[bytes, noise.Cookie] | None = None
+        """(server public key, cookie): bound to this socket's address and port."""
+        self.last_sent: float | None = None
+        self.retired = False
+
+    def open(
+        self, opener: Callable[[Endpoint, tuple[Any, ...] | None], socket.socket]
+    ) -> socket.socket:
+        """The socket, opened if there is none; OSError when it cannot be."""
+        if self.sock is not None:
+            return self.sock
+        loop = asyncio.get_running_loop()
+        sock = opener(self.target, None)
+        try:
+            loop.add_reader(sock.fileno(), self.readable)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock, self._loop = sock, loop
+        return sock
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        self.cookie = None
+        self.recent.clear()
+        if sock is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
 
     def readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
         self.drain_errors()
         for _ in range(_READ_BATCH):
             try:
-                data = self.sock.recv(_BUFSIZE)
+                data = sock.recv(_BUFSIZE)
             except BlockingIOError:
                 return
             except OSError:
                 # An ICMP error pending on the socket, reported once and
                 # then cleared; its copy on the error queue is what counts.
                 continue
-            self._datagram(data)
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.datagram(data, self.recent)
+            # else: between probes, late for an earlier one; dropped
 
     def drain_errors(self) -> int:
         """Read the error queue; return how many errors on it came by ICMP."""
+        sock = self.sock
+        if sock is None:
+            return 0
         seen = 0
         for _ in range(_READ_BATCH):
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(_BUFSIZE, _ANCILLARY, socket.MSG_ERRQUEUE)
+                data, ancillary, _, _ = sock.recvmsg(_BUFSIZE, _ANCILLARY, socket.MSG_ERRQUEUE)
             except OSError:  # BlockingIOError: the queue is empty
                 break
             number = _icmp_errno(ancillary)
             if number is None:
                 continue  # a local error: the send that caused it failed too
             seen += 1
-            if any(noise.quotes_initiation(sent.message, data) for sent in self.sent):
-                if self.icmp is None:
-                    self.icmp = number
-            else:
-                self.invalid += 1
+            exchange = self.exchange
+            if exchange is not None:
+                exchange.icmp_error(number, data, self.recent)
         return seen
-
-    def _datagram(self, data: bytes) -> None:
-        if self.accepted is not None:
-            return
-        now = self.monotonic()
-        # Newest first: after a cookie reply, the answer to the initiation
-        # with mac2 is the one expected. Each check starts with the index,
-        # so the other initiations cost nothing.
-        for sent in reversed(self.sent):
-            result = noise.consume(sent.handshake, self.keys, data, now)
-            if isinstance(result, noise.Accepted):
-                self.accepted = (now, sent.at)
-                self.changed.set()
-                return
-            if isinstance(result, noise.CookieReceived):
-                if sent.handshake.sender_index in self._cookie_for:
-                    break  # a replayed cookie reply: a real backend sends one
-                self._cookie_for.add(sent.handshake.sender_index)
-                self.cookie = result.cookie
-                self.cookies += 1
-                self.cookie_pending = True
-                self.changed.set()
-                return
-        self.invalid += 1
 
 
 def _open(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
@@ -261,7 +385,7 @@ def _open(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
 
 
 class UdpProbeTransport:
-    """ProbeTransport over real UDP sockets."""
+    """ProbeTransport over real UDP sockets, one per backend."""
 
     def __init__(
         self,
@@ -272,43 +396,64 @@ class UdpProbeTransport:
         self._clock = clock
         self._monotonic = monotonic
         self._open = open_socket
-        # A cookie is bound to the source address and port it was sent to,
-        # so the next probe must leave from the same local port to use it.
-        self._cookies: dict[tuple[bytes, Endpoint], tuple[noise.Cookie, tuple[Any, ...]]] = {}
-        self._last_sent: dict[Endpoint, float] = {}
+        self._channels: dict[Endpoint, _Channel] = {}
+        # Built now, not in the first probe round: it imports scapy.
+        noise.initiation_template()
 
-    async def _wait_for_slot(self, target: Endpoint, deadline: float | None) -> float | None:
-        """Return once an initiation to `target` may leave, with the time;
-        None if that is after `deadline`.
+    @property
+    def sockets(self) -> int:
+        """Sockets open now (one per backend probed)."""
+        return sum(c.sock is not None for c in self._channels.values())
 
-        The caller must send without awaiting in between: the gap is kept
-        between actual sends, and concurrent probes that wake together
-        simply wait again for the next slot."""
+    def retain(self, targets: Iterable[Endpoint]) -> None:
+        keep = set(targets)
+        for target in [t for t in self._channels if t not in keep]:
+            self._retire(target)
+
+    def close(self) -> None:
+        for target in list(self._channels):
+            self._retire(target)
+
+    def _retire(self, target: Endpoint) -> None:
+        channel = self._channels.pop(target)
+        channel.retired = True
+        # A probe running on it closes it when done (see probe).
+        if not channel.lock.locked():
+            channel.close()
+
+    async def probe(self, keys: noise.Keys, target: Endpoint, timeout: float) -> ProbeResult:
+        while True:
+            channel = self._channels.get(target)
+            if channel is None:
+                channel = self._channels[target] = _Channel(target)
+            # A second probe of the same backend waits for the first: one
+            # exchange per socket, so nothing is counted for the wrong one.
+            async with channel.lock:
+                if channel.retired:
+                    continue  # retired while this probe waited: a new channel
+                try:
+                    return await self._run(channel, keys, timeout)
+                finally:
+                    if channel.retired:
+                        channel.close()
+
+    async def _wait_for_slot(self, channel: _Channel, deadline: float | None) -> float | None:
+        """Return once an initiation to the channel's backend may leave, with
+        the time; None if that is after `deadline`. The caller must send
+        without awaiting in between: the gap is kept between actual sends."""
         while True:
             now = self._monotonic()
-            last = self._last_sent.get(target)
+            last = channel.last_sent
             if last is None or now >= last + MIN_INITIATION_GAP:
                 return now
             if deadline is not None and last + MIN_INITIATION_GAP > deadline:
                 return None
             await asyncio.sleep(last + MIN_INITIATION_GAP - now)
 
-    def _fresh_cookie(
-        self, key: tuple[bytes, Endpoint], now: float
-    ) -> tuple[noise.Cookie | None, tuple[Any, ...] | None]:
-        held = self._cookies.get(key)
-        if held is None:
-            return None, None
-        if not held[0].fresh(now):
-            del self._cookies[key]
-            return None, None
-        return held
-
     def _send(
         self,
+        channel: _Channel,
         exchange: _Exchange,
-        keys: noise.Keys,
-        target: Endpoint,
         cookie: noise.Cookie | None,
         slot: float,
     ) -> OSError | None:
@@ -317,74 +462,83 @@ class UdpProbeTransport:
         # be the newest one sent to the backend, and its send time the one
         # the next initiation's gap is measured from.
         message, handshake = noise.new_initiation(
-            keys, timestamp=self._clock.next(), cookie=cookie, now=slot
+            exchange.keys, timestamp=self._clock.next(), cookie=cookie, now=slot
         )
         error: OSError | None = None
+        reopened = False
         for _ in range(_SEND_ATTEMPTS):
+            try:
+                sock = channel.open(self._open)
+            except OSError as exc:
+                return exc
             sent_at = self._monotonic()
             try:
-                exchange.sock.send(message)
+                sock.send(message)
             except OSError as exc:
                 error = exc
                 # An ICMP error that arrived earlier fails the next send
                 # once (ECONNREFUSED, or EACCES for an ICMPv6 "prohibited");
                 # it is no verdict on this initiation, so send it again.
-                if exchange.drain_errors() or exc.errno == errno.ECONNREFUSED:
+                if channel.drain_errors() or exc.errno == errno.ECONNREFUSED:
                     continue
-                return exc
-            self._last_sent[target] = sent_at
-            exchange.sent.append(_Sent(handshake, message, sent_at))
+                if exc.errno in _SOCKET_STAYS:
+                    return exc
+                # The socket itself is broken (its source address gone, say):
+                # a new one, once. A cookie's mac2 was for the old port; the
+                # backend answers it with a new cookie reply.
+                channel.close()
+                if reopened:
+                    return exc
+                reopened = True
+                continue
+            channel.last_sent = sent_at
+            sent = _Sent(handshake, message, sent_at)
+            exchange.sent[handshake.sender_index] = sent
+            channel.recent.append(message[: noise.QUOTE_MIN])
             return None
         return error
 
-    async def probe(self, keys: noise.Keys, target: Endpoint, timeout: float) -> ProbeResult:
-        cookie_key = (keys.server_public_key, target)
-        cookie, local = self._fresh_cookie(cookie_key, self._monotonic())
+    async def _run(self, channel: _Channel, keys: noise.Keys, timeout: float) -> ProbeResult:
+        exchange = _Exchange(keys, self._monotonic)
+        cookie: noise.Cookie | None = None
+        if channel.cookie is not None:
+            server_key, held = channel.cookie
+            if server_key == keys.server_public_key and held.fresh(self._monotonic()):
+                cookie = held
+            else:
+                channel.cookie = None
+        channel.exchange = exchange
         try:
-            try:
-                sock = self._open(target, local)
-            except OSError:
-                if local is None:
-                    raise
-                # The cookie's port is taken: a cookie reply will come again.
-                self._cookies.pop(cookie_key, None)
-                cookie = None
-                sock = self._open(target, None)
-        except OSError as exc:
-            return _failure(exc)
-        exchange = _Exchange(sock, keys, self._monotonic)
-        loop = asyncio.get_running_loop()
-        fd = sock.fileno()
-        try:
-            try:
-                loop.add_reader(fd, exchange.readable)
-            except OSError as exc:
-                return _failure(exc)
-            try:
-                return await self._run(exchange, keys, target, timeout, cookie)
-            finally:
-                loop.remove_reader(fd)
-                if exchange.cookie is not None:
-                    self._cookies[cookie_key] = (exchange.cookie, sock.getsockname())
+            return await self._exchange(channel, exchange, timeout, cookie)
         finally:
-            # Closed at once (no asyncio transport), so a cookie's port is
-            # free again for the next probe.
-            sock.close()
+            channel.exchange = None
+            if exchange.cookie is not None and channel.sock is not None:
+                channel.cookie = (keys.server_public_key, exchange.cookie)
 
-    async def _run(
+    async def _wait(self, exchange: _Exchange, remaining: float) -> None:
+        """Until something arrives for the exchange, or `remaining` seconds."""
+        loop = asyncio.get_running_loop()
+        exchange.waiter = loop.create_future()
+        timer = loop.call_later(remaining, exchange.wake)
+        try:
+            await exchange.waiter
+        finally:
+            timer.cancel()
+            exchange.waiter = None
+
+    async def _exchange(
         self,
+        channel: _Channel,
         exchange: _Exchange,
-        keys: noise.Keys,
-        target: Endpoint,
         timeout: float,
         cookie: noise.Cookie | None,
     ) -> ProbeResult:
-        slot = await self._wait_for_slot(target, None)
+        slot = await self._wait_for_slot(channel, None)
         assert slot is not None
-        error = self._send(exchange, keys, target, cookie, slot)
+        error = self._send(channel, exchange, cookie, slot)
         if error is not None:
             return _failure(error, invalid=exchange.invalid)
-        sent_at = exchange.sent[0].at
+        sent_at = min(s.at for s in exchange.sent.values())
         deadline = sent_at + timeout
         answered = 0
         late_error: OSError | None = None
@@ -392,20 +546,16 @@ class UdpProbeTransport:
             if exchange.cookie_pending and answered < MAX_COOKIE_ANSWERS and late_error is None:
                 exchange.cookie_pending = False
                 answered += 1
-                slot = await self._wait_for_slot(target, deadline)
+                slot = await self._wait_for_slot(channel, deadline)
                 if slot is None:
                     break
                 if exchange.accepted is None:
-                    late_error = self._send(exchange, keys, target, exchange.cookie, slot)
+                    late_error = self._send(channel, exchange, exchange.cookie, slot)
                 continue
             remaining = deadline - self._monotonic()
             if remaining <= 0:
                 break
-            exchange.changed.clear()
-            try:
-                await asyncio.wait_for(exchange.changed.wait(), remaining)
-            except TimeoutError:
-                break
+            await self._wait(exchange, remaining)
 
         invalid = exchange.invalid
         if exchange.accepted is not None:

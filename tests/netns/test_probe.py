@@ -4,6 +4,7 @@ the right key answers."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
@@ -64,8 +65,9 @@ def _no_config(lab: Lab) -> None:
     # natfailctl reads the probe key and state dir from a config; this test
     # passes them explicitly and points --config at a minimal valid file.
     conf = lab.dir / "none.toml"
+    # Its own control socket: natfailctl asks a daemon there to probe.
     conf.write_text(
-        f'[daemon]\nstate_dir = "{lab.dir / "state"}"\n'
+        f'[daemon]\nstate_dir = "{lab.dir / "state"}"\nsocket = "{lab.dir / "natfail.sock"}"\n'
         f'[[service]]\nname = "x"\npublic = "203.0.113.10:51820"\n'
         f'server_public_key = "{lab.server_key.public_b64}"\n'
         f'[[service.backend]]\nname = "a"\naddress = "10.0.0.2:51820"\npriority = 1\n'
@@ -239,6 +241,25 @@ def test_spoofed_port_unreachable_does_not_beat_the_response(backends_up: Lab, m
         assert "invalid" not in proc.stdout, proc.stdout
 
 
+# tests.netns.cookie_load, with the probe timestamp file natfailctl uses
+# here: natfailctl's stamps start at the file's lease, up to 10 s ahead of
+# the wall clock, and wireguard-go drops a later initiation with an older
+# stamp from the same key (a clock without the file would be older).
+_SHARED_CLOCK = """
+import runpy, sys
+from pathlib import Path
+from natfail.io import timestamps
+
+class Shared(timestamps.TimestampClock):
+    def __init__(self, path, *args, **kwargs):
+        super().__init__(Path("{stamps}"), *args, **kwargs)
+
+timestamps.TimestampClock = Shared
+sys.argv[0] = "cookie_load"
+runpy.run_module("tests.netns.cookie_load", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
     """Real wireguard-go under load answers with a cookie reply; the probe's
     answer with mac2 gets the handshake response: up, "under-load"."""
@@ -248,8 +269,8 @@ def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
     before = lab.backend_show(backend).peers[lab.probe_key.public_b64].tx
     argv = [
         sys.executable,
-        "-m",
-        "tests.netns.cookie_load",
+        "-c",
+        _SHARED_CLOCK.format(stamps=lab.dir / "state" / "probe-timestamp"),
         backend.v4,
         str(backend.port),
         lab.server_key.public_b64,
@@ -267,3 +288,87 @@ def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
     # The real WireGuard sent its handshake response (92 bytes), not only
     # cookie replies (which it does not count for the peer).
     assert lab.backend_show(backend).peers[lab.probe_key.public_b64].tx >= before + 92
+
+
+# A stand-in for the daemon (whose wiring is natfail/daemon.py's): the
+# probe transport, the clock on the state dir's file and the control
+# socket's "probe" handler, probing one backend every 0.1 s meanwhile.
+_DAEMON = """
+import asyncio, sys
+from pathlib import Path
+from natfail import config as cfg
+from natfail.core import noise
+from natfail.io import probe_request as pr
+from natfail.io.control import ControlServer
+from natfail.io.probe_transport import UdpProbeTransport
+from natfail.io.timestamps import STATE_FILE, TimestampClock
+
+sock, state, key_file, server, target, psk_file = sys.argv[1:7]
+
+async def main() -> None:
+    psk = cfg.load_key_file(psk_file) if psk_file != "-" else bytes(32)
+    keys = noise.Keys(cfg.load_key_file(key_file), cfg.decode_key(server), psk)
+    transport = UdpProbeTransport(TimestampClock(Path(state) / STATE_FILE))
+    keys_for = pr.held_keys(lambda: [("x", keys)])
+
+    async def handler(request, peer):
+        return await pr.run_probe_request(request, transport, keys_for)
+
+    await ControlServer(Path(sock), handler).start()
+    endpoint = cfg.Endpoint.parse(target)
+    print("ready", flush=True)
+    while True:
+        result = await transport.probe(keys, endpoint, 0.5)
+        print("up" if result.up else "down-" + result.reason, flush=True)
+        await asyncio.sleep(0.1)
+
+asyncio.run(main())
+"""
+
+
+def _lines(proc: subprocess.Popen[str], count: int, timeout: float = 20.0) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(lines) < count:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"only {lines} from the daemon stand-in")
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the daemon stand-in ended after {lines}")
+        lines.append(line.strip())
+    return lines
+
+
+def test_with_a_daemon_running_it_probes_and_its_own_probes_stay_up(backends_up: Lab) -> None:
+    """The trap: natfailctl alone starts above the timestamp file's lease,
+    up to 10 s ahead of the daemon's stamps; wireguard-go would record that
+    stamp and drop the daemon's own probes as replays for as long. So
+    natfailctl asks the running daemon to probe, with its clock."""
+    lab = backends_up
+    backend = lab.backends[0]
+    argv = [
+        sys.executable,
+        "-c",
+        _DAEMON,
+        str(lab.dir / "natfail.sock"),
+        str(lab.dir / "state"),
+        str(lab.probe_key.file),
+        lab.server_key.public_b64,
+        backend.address,
+        str(lab.psk_file or "-"),
+    ]
+    daemon = lab.popen(lab.gateway, argv, stdout=subprocess.PIPE, env={"PYTHONPATH": str(REPO)})
+    try:
+        assert _lines(daemon, 1) == ["ready"]
+        assert _lines(daemon, 3) == ["up"] * 3
+        proc = natfailctl_probe(lab, backend.address, count=3)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = proc.stdout.splitlines()
+        assert len(lines) == 3 and all(": up, rtt " in x for x in lines), proc.stdout
+        # The daemon's probes after it (two seconds of them) are all still up.
+        assert set(_lines(daemon, 15)) == {"up"}
+    finally:
+        daemon.kill()
+        daemon.wait()

@@ -131,6 +131,60 @@ def test_scapy_dissects_our_initiation(exchange: tuple[Keys, Handshake, bytes, b
     assert bytes(packet) == message
 
 
+def test_the_initiation_template_is_scapys() -> None:
+    """The hot path fills scapy's packet at the positions scapy reports;
+    they are those of LAYOUTS, and the constant fields are scapy's."""
+    from scapy.contrib.wireguard import Wireguard, WireguardInitiation
+
+    template = noise.initiation_template()
+    assert template is noise.initiation_template()  # built once
+    assert template.packet == bytes(Wireguard(message_type=1) / WireguardInitiation())
+    layout = {n: slice(o, o + size) for n, o, size in noise.LAYOUTS[noise.MESSAGE_INITIATION][1]}
+    assert template.sender_index == layout["sender_index"]
+    assert template.ephemeral == layout["unencrypted_ephemeral"]
+    assert template.static == layout["encrypted_static"]
+    assert template.timestamp == layout["encrypted_timestamp"]
+    assert (template.mac1, template.mac2) == (layout["mac1"], layout["mac2"])
+
+
+def test_scapy_builds_the_same_initiation_from_its_fields() -> None:
+    from scapy.contrib.wireguard import Wireguard, WireguardInitiation
+
+    keys = Keys(bytes(range(32)), noise.public_key(bytes(range(1, 33))))
+    cookie = noise.Cookie(bytes(range(16)), 0.0)
+    message, handshake = noise.build_initiation(
+        keys,
+        sender_index=0xA1B2C3D4,
+        timestamp=tai64n.tai64n(1_700_000_000 * 10**9),
+        ephemeral_private=bytes(range(2, 34)),
+        cookie=cookie,
+        now=1.0,
+    )
+    init = noise.to_scapy(message)[WireguardInitiation]
+    rebuilt = Wireguard(message_type=1) / WireguardInitiation(
+        sender_index=0xA1B2C3D4,
+        unencrypted_ephemeral=handshake.ephemeral_public,
+        encrypted_static=init.encrypted_static,
+        encrypted_timestamp=init.encrypted_timestamp,
+        mac1=handshake.mac1,
+        mac2=noise.mac(cookie.value, message[:132]),
+    )
+    assert bytes(rebuilt) == message
+
+
+def test_keys_and_replies_do_not_pull_scapy() -> None:
+    """Only building an initiation does: the agent's side of the Noise core
+    (keys, replies) must work without it."""
+    code = (
+        "import sys\n"
+        "from natfail.core import noise\n"
+        "k = noise.Keys(bytes(32), noise.public_key(bytes(range(32))))\n"
+        "noise.quotes_initiation(bytes(148), bytes(40))\n"
+        "sys.exit('scapy' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
 def test_import_does_not_pull_scapy() -> None:
     code = "import sys, natfail.core.noise, natfail.core.tai64n; sys.exit('scapy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

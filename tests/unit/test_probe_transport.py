@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natfail.config import Endpoint
-from natfail.core import noise
+from natfail.core import noise, tai64n
 from natfail.io import probe_transport as pt
 from natfail.io.timestamps import TimestampClock
 from tests.unit.wg_responder import MAC, Rejected, Responder, forge_cookie_reply
@@ -207,12 +208,12 @@ def test_cookie_reply_is_answered_with_mac2_at_once(tmp_path: Path) -> None:
             server.close()
         # The responder answers a full response only when mac2 is valid.
         assert first.up and first.reason == pt.UNDER_LOAD, first
-        assert len(opened[0].sends) == 2 and len(set(sources[:2])) == 1
+        assert len(opened) == 1 and len(opened[0].sends) == 3 and len(set(sources)) == 1
         assert opened[0].sends[1] - opened[0].sends[0] >= pt.MIN_INITIATION_GAP
         assert first.rtt is not None and first.rtt < 2.0
-        # The next probe leaves from the cookie's port with mac2 right away.
+        # The next probe leaves from the same socket (the cookie's port) with
+        # mac2 right away.
         assert second.up and second.reason == pt.UP
-        assert len(opened[1].sends) == 1 and sources[2] == sources[0]
 
     asyncio.run(main())
 
@@ -386,6 +387,8 @@ def test_initiations_to_one_backend_are_20ms_apart(tmp_path: Path) -> None:
         # The gap is kept between the transport's own send times, so it
         # holds exactly, however late the event loop runs.
         assert len(gaps) == 3 and min(gaps) >= pt.MIN_INITIATION_GAP, gaps
+        # They took turns on the backend's one socket.
+        assert transport.sockets == 1
 
     asyncio.run(main())
 
@@ -419,7 +422,7 @@ def test_corrupt_timestamp_file_starts_from_the_clock(tmp_path: Path, content: b
     clock = TimestampClock(path)
     first = clock.next()
     assert clock.next() > first
-    assert path.read_bytes() == clock.last
+    assert path.read_bytes() == clock.lease and clock.lease > (clock.last or b"")
 
 
 @settings(
@@ -455,5 +458,272 @@ def test_random_datagrams_are_only_ignored(tmp_path: Path, junk: list[bytes]) ->
             server.close()
         assert result.up, result
         assert result.invalid_replies <= len(junk)
+
+    asyncio.run(main())
+
+
+def test_one_socket_per_backend_for_every_probe(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened)
+        )
+        sources: list[bytes] = []
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            sources.append(source)
+            return _answer(responder)(data, source)
+
+        server, _, target = await _serve(reply)
+        other_server, _, other = await _serve(_answer(responder))
+        try:
+            for _ in range(5):
+                assert (await transport.probe(keys, target, 2.0)).up
+                assert (await transport.probe(keys, other, 2.0)).up
+        finally:
+            server.close()
+            other_server.close()
+        # One socket (one conntrack entry) per backend, always the same port.
+        assert len(opened) == 2 and transport.sockets == 2
+        assert [len(s.sends) for s in opened] == [5, 5] and len(set(sources)) == 1
+        transport.close()
+        assert transport.sockets == 0 and all(s.fileno() == -1 for s in opened)
+
+    asyncio.run(main())
+
+
+def test_a_late_reply_to_an_earlier_probe_counts_for_nobody(tmp_path: Path) -> None:
+    """The first probe times out; its response arrives during the second
+    probe, on the same socket: dropped, neither up nor invalid for it."""
+
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        loop = asyncio.get_running_loop()
+        server_transport: list[asyncio.DatagramTransport] = []
+        late: list[bytes] = []
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            answer = _answer(responder)(data, source)
+            if not late:
+                late.extend(answer)
+                # The first answer 0.15 s late, past the first probe's timeout.
+                loop.call_later(0.15, lambda: server_transport[0].sendto(late[0], addr[0]))
+                return []
+            # The second answer after the late one arrived.
+            loop.call_later(0.15, lambda: server_transport[0].sendto(answer[0], addr[0]))
+            return []
+
+        addr: list[tuple[str, int]] = []
+
+        class Server(_Server):
+            def datagram_received(self, data: bytes, source: tuple[str | int, ...]) -> None:
+                addr[:] = [(str(source[0]), int(source[1]))]
+                super().datagram_received(data, source)
+
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: Server(reply), local_addr=("127.0.0.1", 0)
+        )
+        server_transport.append(udp)
+        target = Endpoint(ipaddress.ip_address("127.0.0.1"), udp.get_extra_info("sockname")[1])
+        try:
+            first = await transport.probe(keys, target, 0.1)
+            second = await transport.probe(keys, target, 1.0)
+        finally:
+            udp.close()
+        assert not first.up and first.reason == pt.TIMEOUT
+        assert second.up and second.invalid_replies == 0, second
+        assert second.rtt is not None and second.rtt >= 0.15
+
+    asyncio.run(main())
+
+
+def test_a_late_icmp_error_for_an_earlier_probe_counts_for_nobody() -> None:
+    keys = noise.Keys(os.urandom(32), noise.public_key(os.urandom(32)))
+    earlier, _ = noise.new_initiation(keys, timestamp=tai64n_now())
+    current, handshake = noise.new_initiation(keys, timestamp=tai64n_now())
+    recent = deque([earlier[: noise.QUOTE_MIN]], maxlen=pt._RECENT)
+    exchange = pt._Exchange(keys, time.monotonic)
+    exchange.sent[handshake.sender_index] = pt._Sent(handshake, current, 0.0)
+    exchange.icmp_error(errno.ECONNREFUSED, earlier[:64], recent)
+    assert exchange.icmp is None and exchange.invalid == 0
+    exchange.icmp_error(errno.ECONNREFUSED, os.urandom(64), recent)
+    assert exchange.icmp is None and exchange.invalid == 1
+    exchange.icmp_error(errno.ECONNREFUSED, current[:64], recent)
+    assert exchange.icmp == errno.ECONNREFUSED
+
+
+def tai64n_now() -> bytes:
+    return tai64n.tai64n(time.time_ns())
+
+
+@pytest.mark.parametrize("number", [errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENOTCONN])
+def test_a_broken_socket_is_replaced_at_once(tmp_path: Path, number: int) -> None:
+    """The source address a long-lived socket was connected from is gone
+    (EINVAL, EADDRNOTAVAIL): a new socket, and the probe goes on."""
+
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        fails = [[number], []]
+
+        def opener(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
+            return _recording_opener(opened, fails.pop(0) if fails else [])(target, local)
+
+        transport = pt.UdpProbeTransport(TimestampClock(tmp_path / "ts"), open_socket=opener)
+        server, _, target = await _serve(_answer(responder))
+        try:
+            result = await transport.probe(keys, target, 2.0)
+            again = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert result.up and again.up, result
+        assert len(opened) == 2 and opened[0].fileno() == -1 and transport.sockets == 1
+
+    asyncio.run(main())
+
+
+def test_a_socket_broken_twice_fails_the_probe_and_is_replaced_next_time(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        fails = [[errno.EINVAL], [errno.EINVAL], []]
+
+        def opener(target: Endpoint, local: tuple[Any, ...] | None) -> socket.socket:
+            return _recording_opener(opened, fails.pop(0) if fails else [])(target, local)
+
+        transport = pt.UdpProbeTransport(TimestampClock(tmp_path / "ts"), open_socket=opener)
+        server, _, target = await _serve(_answer(responder))
+        try:
+            failed = await transport.probe(keys, target, 2.0)
+            assert transport.sockets == 0
+            later = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert not failed.up and failed.reason == pt.SEND_ERROR and not failed.local, failed
+        assert later.up and len(opened) == 3
+
+    asyncio.run(main())
+
+
+def test_a_firewall_refusal_keeps_the_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened, [errno.EPERM])
+        )
+        server, _, target = await _serve(_answer(responder))
+        try:
+            refused = await transport.probe(keys, target, 2.0)
+            later = await transport.probe(keys, target, 2.0)
+        finally:
+            server.close()
+        assert refused.local and later.up and len(opened) == 1
+
+    asyncio.run(main())
+
+
+def test_retain_closes_the_sockets_of_backends_no_longer_probed(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened)
+        )
+        servers = [await _serve(_answer(responder)) for _ in range(3)]
+        silent, _, silent_target = await _serve(lambda data, source: [])
+        targets = [t for _, _, t in servers]
+        try:
+            for target in targets:
+                assert (await transport.probe(keys, target, 2.0)).up
+            transport.retain(targets[:1])
+            assert transport.sockets == 1
+            assert [s.fileno() == -1 for s in opened] == [False, True, True]
+            # A probe in flight keeps its socket until it is done.
+            running = asyncio.ensure_future(transport.probe(keys, silent_target, 0.3))
+            await asyncio.sleep(0.05)
+            assert len(opened) == 4
+            transport.retain(targets[:1])
+            assert opened[3].fileno() != -1
+            result = await running
+            assert result.reason == pt.TIMEOUT and opened[3].fileno() == -1
+            assert transport.sockets == 1
+            # A backend probed again gets a new socket.
+            assert (await transport.probe(keys, targets[1], 2.0)).up
+            assert len(opened) == 5 and transport.sockets == 2
+        finally:
+            for server, _, _ in servers:
+                server.close()
+            silent.close()
+        transport.close()
+        assert transport.sockets == 0 and all(s.fileno() == -1 for s in opened)
+
+    asyncio.run(main())
+
+
+def test_a_probe_waiting_for_a_retired_backend_gets_a_new_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        responder, keys, _ = _setup(tmp_path)
+        opened: list[_RecordingSocket] = []
+        transport = pt.UdpProbeTransport(
+            TimestampClock(tmp_path / "ts"), open_socket=_recording_opener(opened)
+        )
+        server, _, target = await _serve(_answer(responder))
+        try:
+            first = asyncio.ensure_future(transport.probe(keys, target, 2.0))
+            second = asyncio.ensure_future(transport.probe(keys, target, 2.0))
+            await asyncio.sleep(0)
+            transport.retain([])
+            results = await asyncio.gather(first, second)
+        finally:
+            server.close()
+        assert all(r.up for r in results)
+        # The retired socket is closed; the waiting probe used a new one,
+        # which the transport holds (and closes).
+        assert len(opened) == 2 and opened[0].fileno() == -1 and transport.sockets == 1
+        transport.close()
+        assert opened[1].fileno() == -1
+
+    asyncio.run(main())
+
+
+def test_datagrams_between_probes_are_dropped(tmp_path: Path) -> None:
+    """The reader stays registered between probes: what arrives then is
+    read and dropped, and counts for no probe."""
+
+    async def main() -> None:
+        responder, keys, transport = _setup(tmp_path)
+        loop = asyncio.get_running_loop()
+        holder: list[asyncio.DatagramTransport] = []
+
+        def reply(data: bytes, source: bytes) -> list[bytes]:
+            out = _answer(responder)(data, source)
+            addr = holder_addr[0]
+            for _ in range(3):
+                loop.call_later(0.05, lambda: holder[0].sendto(os.urandom(92), addr))
+            return out
+
+        holder_addr: list[tuple[str, int]] = []
+
+        class Server(_Server):
+            def datagram_received(self, data: bytes, source: tuple[str | int, ...]) -> None:
+                holder_addr[:] = [(str(source[0]), int(source[1]))]
+                super().datagram_received(data, source)
+
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: Server(reply), local_addr=("127.0.0.1", 0)
+        )
+        holder.append(udp)
+        target = Endpoint(ipaddress.ip_address("127.0.0.1"), udp.get_extra_info("sockname")[1])
+        try:
+            assert (await transport.probe(keys, target, 1.0)).up
+            await asyncio.sleep(0.15)
+            result = await transport.probe(keys, target, 1.0)
+        finally:
+            udp.close()
+        assert result.up and result.invalid_replies == 0, result
 
     asyncio.run(main())

@@ -1,5 +1,6 @@
 """The probe's persisted TAI64N clock: what it does with a stamp file that
-is corrupt, far ahead of the wall clock, or missing."""
+is corrupt, far ahead of the wall clock, or missing, and the lease it keeps
+there (written ahead of time, never per probe)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natfail.core import tai64n
-from natfail.io import timestamps
+from natfail.io import statefile, timestamps
 from natfail.io.timestamps import TimestampClock
 
 NOW_NS = 1_700_000_000 * 10**9
@@ -50,7 +51,7 @@ def test_an_invalid_stamp_gives_one_warning_and_starts_from_the_clock(
     first = clock.next()
     assert first == tai64n.tai64n(NOW_NS, whiten=True)
     assert clock.next() > first
-    assert path.read_bytes() == clock.last
+    assert path.read_bytes() == clock.lease and clock.lease > (clock.last or b"")
     # Every probe round works; nothing more is logged.
     for _ in range(5):
         clock.next()
@@ -154,4 +155,164 @@ def test_any_stored_content_and_clock_never_raise_and_never_go_back(
         if last is not None:
             assert stamp > last
         last = stamp
-        assert path.read_bytes() == stamp
+        # The file covers every stamp handed out: a restart starts above it.
+        assert path.read_bytes() >= stamp
+
+
+class _Wall:
+    """A wall clock the test sets."""
+
+    def __init__(self, ns: int = NOW_NS) -> None:
+        self.ns = ns
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def _count_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    written: list[bytes] = []
+    real = statefile.write_atomic
+
+    def counting(path: Path, data: bytes, mode: int = 0o600, *, fsync: bool = True) -> None:
+        written.append(data)
+        real(path, data, mode, fsync=fsync)
+
+    monkeypatch.setattr(timestamps, "write_atomic", counting)
+    return written
+
+
+def _seconds(stamp: bytes | None) -> float:
+    assert stamp is not None
+    seconds, nanoseconds = tai64n.decode(stamp)
+    return seconds + nanoseconds / 1e9 - NOW_NS / 1e9
+
+
+def test_no_write_per_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written = _count_writes(monkeypatch)
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    clock = TimestampClock(path, wall_ns=wall)
+    stamps = []
+    for _ in range(3000):
+        wall.ns += 10**6  # 3000 probes over 3 s
+        stamps.append(clock.next())
+    assert stamps == sorted(set(stamps))
+    # One lease, LEASE ahead of the first stamp, covers them all.
+    assert len(written) == 1 and path.read_bytes() == written[0] == clock.lease
+    assert _seconds(clock.lease) == pytest.approx(_seconds(stamps[0]) + timestamps.LEASE)
+    assert clock.lease is not None and clock.lease > stamps[-1]
+
+
+def test_the_lease_is_renewed_before_it_runs_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = _count_writes(monkeypatch)
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    clock = TimestampClock(path, wall_ns=wall)
+    clock.next()
+    first_lease = clock.lease
+    wall.ns = NOW_NS + int((timestamps.LEASE - timestamps.RENEW - 0.1) * 1e9)
+    clock.next()
+    assert len(written) == 1
+    # Less than RENEW left: renewed before this stamp is handed out.
+    wall.ns = NOW_NS + int((timestamps.LEASE - timestamps.RENEW + 0.1) * 1e9)
+    stamp = clock.next()
+    assert len(written) == 2 and clock.lease is not None and first_lease is not None
+    assert clock.lease > first_lease and path.read_bytes() == clock.lease
+    assert _seconds(clock.lease) == pytest.approx(_seconds(stamp) + timestamps.LEASE)
+    # An hour of probes, one a second: a write every LEASE - RENEW seconds
+    # (one more, as the renewal comes at the first probe past that point).
+    for _ in range(3600):
+        wall.ns += 10**9
+        assert clock.next() <= path.read_bytes()
+    gap = timestamps.LEASE - timestamps.RENEW
+    assert 3600 / (gap + 1) - 2 <= len(written) - 2 <= 3600 / gap + 2
+
+
+def test_a_restart_starts_above_the_lease(tmp_path: Path) -> None:
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    before = TimestampClock(path, wall_ns=wall)
+    sent = [before.next() for _ in range(100)]
+    # The same wall clock, a moment later: the new process must not reuse a
+    # stamp, so it starts at the lease, LEASE ahead of the clock.
+    after = TimestampClock(path, wall_ns=wall)
+    first = after.next()
+    assert first > max(sent) and first == tai64n.successor(path_lease := before.lease or b"")
+    assert _seconds(first) == pytest.approx(timestamps.LEASE, abs=0.01)
+    assert after.lease is not None and after.lease > path_lease
+    # Stamps stay ahead until the wall clock catches up, then follow it.
+    wall.ns = NOW_NS + 60 * 10**9
+    assert after.next() == tai64n.tai64n(wall.ns, whiten=True)
+
+
+def test_a_clock_stepped_back_keeps_counting_from_the_last_stamp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = _count_writes(monkeypatch)
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    clock = TimestampClock(path, wall_ns=wall)
+    last = clock.next()
+    wall.ns = NOW_NS - 3600 * 10**9
+    for _ in range(1000):
+        stamp = clock.next()
+        assert stamp == tai64n.successor(last)
+        last = stamp
+    # 1000 ns of stamps use nothing of the lease: no write.
+    assert len(written) == 1
+    # A restart with the clock still an hour behind starts above the lease.
+    restarted = TimestampClock(path, wall_ns=wall)
+    assert restarted.next() > (clock.lease or b"") > last
+
+
+def test_the_file_never_goes_back(tmp_path: Path) -> None:
+    """A later lease another process wrote (natfailctl probe with another
+    key) is kept: the next process to start is above both."""
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    clock = TimestampClock(path, wall_ns=wall)
+    clock.next()
+    other = tai64n.tai64n(NOW_NS + 3600 * 10**9)
+    path.write_bytes(other)
+    wall.ns = NOW_NS + 6 * 10**9  # past the renewal point
+    clock.next()
+    assert path.read_bytes() == other == clock.lease
+
+
+def test_a_failed_save_is_tried_again_a_second_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / timestamps.STATE_FILE
+    wall = _Wall()
+    attempts: list[bytes] = []
+    failing = [True]
+    real = statefile.write_atomic
+
+    def flaky(target: Path, data: bytes, mode: int = 0o600, *, fsync: bool = True) -> None:
+        attempts.append(data)
+        if failing[0]:
+            raise OSError(28, "No space left on device")
+        real(target, data, mode, fsync=fsync)
+
+    monkeypatch.setattr(timestamps, "write_atomic", flaky)
+    caplog.set_level(logging.DEBUG, logger=timestamps.__name__)
+    clock = TimestampClock(path, wall_ns=wall)
+    caplog.clear()
+    for _ in range(100):
+        wall.ns += 5 * 10**6  # half a second of probes
+        clock.next()
+    assert len(attempts) == 1 and clock.lease is None
+    failing[0] = False
+    wall.ns += 6 * 10**8
+    clock.next()
+    assert len(attempts) == 2 and path.read_bytes() == clock.lease
+    messages = [r.getMessage() for r in _records(caplog)]
+    assert len(messages) == 2 and "No space left" in messages[0]
+    assert "again, after 1 failed saves" in messages[1]
+
+
+def test_without_a_file_nothing_is_written(tmp_path: Path) -> None:
+    clock = TimestampClock(None, wall_ns=_Wall())
+    assert clock.next() < clock.next() and clock.lease is None
