@@ -280,6 +280,52 @@ def soak(data: dict[str, Any]) -> None:
     save(fig, "soak.png", data)
 
 
+def scale(data: dict[str, Any]) -> None:
+    rows = [r for r in data["rows"] if r.get("cpu_per_probe_us") is not None]
+    ns = [r["services"] for r in rows]
+    target = data["targets"]["cpu_per_probe_us"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 4))
+    per_probe = [r["cpu_per_probe_us"] for r in rows]
+    left.plot(ns, per_probe, "o-", color="#1f77b4", label="daemon + children, per probe due")
+    for x, y in zip(ns, per_probe, strict=True):
+        left.annotate(
+            f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+        )
+    left.axhline(target, color="red", ls="--", lw=1, label=f"target {target:g} µs")
+    left.set_ylim(0, max([*per_probe, target]) * 1.3)
+    left.set_xlabel("services (x 3 backends, probed at 1 Hz)")
+    left.set_ylabel("CPU µs per probe, all-in")
+    left.set_title("CPU per probe", fontsize=10)
+    left.legend(fontsize=8, loc="lower right")
+    total = [r["daemon_core_percent"] for r in rows]
+    right.plot(ns, total, "s-", color="#2ca02c", label="daemon + children")
+    backends = [r.get("backends_core_percent") for r in rows]
+    if all(b is not None for b in backends):
+        right.plot(ns, backends, "^--", color="grey", label="the backends (not counted)")
+    budget = sorted({*ns, 10, 100, 300, 1000})
+    right.plot(
+        budget,
+        [3 * n * target / 1e4 for n in budget],
+        ":",
+        color="red",
+        lw=1,
+        label=f"{target:g} µs per probe",
+    )
+    right.axhline(100, color="black", lw=0.8, alpha=0.5, label="one core")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(budget, [str(n) for n in budget])
+        ax.minorticks_off()
+        ax.set_xlim(budget[0] / 1.5, budget[-1] * 1.5)
+    right.set_xlabel("services (x 3 backends, probed at 1 Hz)")
+    right.set_ylabel("% of one core")
+    fast = data.get("hz20")
+    extra = f"; 1 service x 2 at 20 Hz: {fast['core_percent']:.1f} %" if fast else ""
+    right.set_title(f"Total CPU{extra}", fontsize=10)
+    right.legend(fontsize=8, loc="upper left")
+    save(fig, "scale.png", data)
+
+
 def main() -> int:
     plots = [
         ("failover", failover),
@@ -288,6 +334,7 @@ def main() -> int:
         ("probe", probe),
         ("nginx", nginx),
         ("soak", soak),
+        ("scale", scale),
     ]
     failed = 0
     for name, draw in plots:

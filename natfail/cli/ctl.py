@@ -30,7 +30,9 @@ def _build_parser() -> ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file without a daemon")
     check.add_argument("file", nargs="?", type=Path, default=None)
 
-    probe = sub.add_parser("probe", help="one WireGuard handshake probe (through the daemon when it runs)")
+    probe = sub.add_parser(
+        "probe", help="one WireGuard handshake probe (through the daemon when it runs)"
+    )
     probe.add_argument("target", metavar="HOST:PORT", help="IPv4:port or [IPv6]:port")
     probe.add_argument("--server-key", required=True, help="the server's public key (base64)")
     probe.add_argument(

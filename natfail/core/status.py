@@ -66,8 +66,17 @@ def render(
     return {"services": services}
 
 
+SUMMARY_SERVICES = 10
+
+
 def summary(states: Iterable[ServiceState]) -> str:
-    """The one line of sd_notify STATUS=."""
-    return "active " + ", ".join(
-        f"{s.name}: {s.active or 'none'}" + (" (pinned)" if s.pin else "") for s in states
-    )
+    """The one line of sd_notify STATUS= (`systemctl status` shows it): the
+    first services by name, then how many more."""
+    listed = list(states)
+    parts = [
+        f"{s.name}: {s.active or 'none'}" + (" (pinned)" if s.pin else "")
+        for s in listed[:SUMMARY_SERVICES]
+    ]
+    if len(listed) > SUMMARY_SERVICES:
+        parts.append(f"and {len(listed) - SUMMARY_SERVICES} more")
+    return "active " + ", ".join(parts)

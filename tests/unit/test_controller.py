@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from natfail.core.model import Endpoint, ProbeSettings, Service
-
 from natfail.core import controller as ctl
 from natfail.core import reload
 from natfail.core.health import HealthState
+from natfail.core.model import Endpoint, ProbeSettings, Service
 from natfail.core.ruleset import backend_mark
 from natfail.core.selector import Pin
 from tests.builders import service
