@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import os
 import socket
 from pathlib import Path
@@ -143,12 +142,12 @@ def probe(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {
         "command": commands.PROBE,
         "target": str(target),
-        "server_public_key": base64.b64encode(server_key).decode(),
-        "probe_public_key": base64.b64encode(keys.public_key).decode(),
+        "server_public_key": cfg.encode_key(server_key),
+        "probe_public_key": cfg.encode_key(keys.public_key),
         "timeout": args.timeout,
     }
     if args.psk_file:
-        request["preshared_key"] = base64.b64encode(psk).decode()
+        request["preshared_key"] = cfg.encode_key(psk)
     daemon = _daemon_socket(args)
     standalone: list[ProbeTransport] = []
 
@@ -191,18 +190,13 @@ def probe(args: argparse.Namespace) -> int:
 
 
 def _generate_key_file(path: Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    raw = X25519PrivateKey.generate().private_bytes_raw()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        cfg.create_key_file(path, cfg.generate_key())
     except FileExistsError:
         return
     except OSError as exc:
         raise Refused(f"probe-peer: cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w") as out:
-        out.write(base64.b64encode(raw).decode() + "\n")
 
 
 def probe_peer(args: argparse.Namespace) -> int:
@@ -218,7 +212,7 @@ def probe_peer(args: argparse.Namespace) -> int:
     for index, path in enumerate(key_files):
         if not path.exists():
             raise Refused(f"probe-peer: {path} does not exist (create it with --generate)")
-        public = base64.b64encode(noise.public_key(_key_from_file(path, "probe key"))).decode()
+        public = cfg.encode_key(noise.public_key(_key_from_file(path, "probe key")))
         if index:
             print()
         psk_files = sorted(

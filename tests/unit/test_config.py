@@ -8,6 +8,7 @@ import base64
 import errno
 import ipaddress
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -1399,3 +1400,69 @@ def test_a_hook_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
     (problem,) = [str(p) for p in check_files(conf)]
     assert problem.startswith(f"{conf.path}: service[0].notify: {hook}: permissions ")
     assert "chmod go-w" in problem
+
+
+# --------------------------------------------------------------------------
+# problems as values
+
+
+def test_check_files_problems_are_values(tmp_path: Path) -> None:
+    conf = write_config(tmp_path, service_extra='notify = "hook"')
+    key_problem, hook_problem = check_files(conf)
+    assert key_problem == cfg.Problem(
+        conf.path, "probe.private_key_file", "does not exist", file=tmp_path / "probe.key"
+    )
+    assert (hook_problem.key, hook_problem.file, hook_problem.message) == (
+        "service[0].notify",
+        tmp_path / "hook",
+        "does not exist",
+    )
+    assert hook_problem.line is None
+
+
+def test_problem_str_is_the_config_error_line() -> None:
+    path = Path("/etc/natfail/natfail.toml")
+    plain = cfg.Problem(path, "service[0].name", "missing (required)", line=7)
+    assert str(plain) == f"{path}: service[0].name: missing (required) (line 7)"
+    assert str(cfg.Problem(path, "", "is not valid UTF-8")) == f"{path}: is not valid UTF-8"
+    named = cfg.Problem(path, "probe.private_key_file", "is empty", file=Path("/k\nx"))
+    assert str(named) == f"{path}: probe.private_key_file: /k\\nx: is empty"
+    # a ConfigError is one problem, whichever way it was made
+    err = ConfigError(path, "service[0].name", "missing (required)", 7)
+    assert err.problem == plain and str(err) == str(plain)
+    from_named = ConfigError.from_problem(named)
+    assert from_named.problem is named and str(from_named) == str(named)
+    assert (from_named.file, from_named.key, from_named.line) == (path, named.key, None)
+    assert from_named.message == "/k\nx: is empty"
+    assert str(named.error()) == str(named)
+
+
+# --------------------------------------------------------------------------
+# writing keys
+
+
+def test_generated_key_files_read_back(tmp_path: Path) -> None:
+    key = cfg.generate_key()
+    assert len(key) == 32 and key != cfg.generate_key()
+    assert key[0] & 7 == 0 and key[31] & 0xC0 == 0x40  # clamped as wg genkey does
+    path = tmp_path / "probe.key"
+    cfg.create_key_file(path, key)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == cfg.encode_key(key) + "\n"
+    assert load_key_file(path) == key
+    with pytest.raises(FileExistsError):
+        cfg.create_key_file(path, cfg.generate_key())
+    assert load_key_file(path) == key
+
+
+def test_the_model_reads_no_files() -> None:
+    # The core shares the model: importing it must bring in no reader.
+    code = (
+        "import sys, natfail.core.model\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('tomllib', 'tomli', 'socket', 'subprocess', 'asyncio')\n"
+        "       or m.startswith('natfail.config')]\n"
+        "print(','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == ""
