@@ -32,12 +32,22 @@ class Executor:
     async def transaction(self, actives: dict[str, str | None]) -> str | None:
         """One transaction to the rules of ``actives``, then the flows it
         strands; None on success, else why not (and a check follows)."""
-        desired = self._d.firewall.build(self._d.config.services, actives)
-        error = await self._d.firewall.apply_and_unstrand(desired)
+        error, _ = await self._transaction(actives)
+        return error
+
+    async def _transaction(self, actives: dict[str, str | None]) -> tuple[str | None, float]:
+        """(why it failed or None, when the transaction itself was done)."""
+        firewall = self._d.firewall
+        before = firewall.installed
+        desired = firewall.build(self._d.config.services, actives)
+        error = await firewall.apply(desired)
+        done = self._d.monotonic()
         if error is not None:
             # The firewall may have changed under us: look at it next tick.
             self._d.request_check()
-        return error
+        else:
+            await firewall.unstrand(desired, before)
+        return error, done
 
     async def carry_out(
         self, outcomes: list[tuple[ServiceRuntime, ctl.Outcome]]
@@ -48,7 +58,7 @@ class Executor:
         save = False
         moving: list[tuple[ServiceRuntime, ctl.Outcome]] = []
         for rt, outcome in outcomes:
-            save |= await self._effects(outcome.effects, 0.0)
+            save |= await self._effects(outcome.effects, 0.0, self._d.monotonic())
             if outcome.transaction is None:
                 rt.state = outcome.state
             else:
@@ -60,12 +70,13 @@ class Executor:
                 assert outcome.transaction is not None
                 actives[rt.state.name] = outcome.transaction.active
             started = self._d.monotonic()
-            ok = await self.transaction(actives) is None
-            swap = self._d.monotonic() - started
+            error, swapped = await self._transaction(actives)
+            ok = error is None
             for rt, outcome in moving:
                 assert outcome.kept is not None
                 rt.state = outcome.state if ok else outcome.kept
-                save |= await self._effects(outcome.after if ok else outcome.failed, swap)
+                effects = outcome.after if ok else outcome.failed
+                save |= await self._effects(effects, swapped - started, swapped)
         for rt, outcome in outcomes:
             if outcome.wake_at is not None:
                 self._d.prober.wake(rt.state.name, outcome.wake_at)
@@ -74,10 +85,12 @@ class Executor:
             self._d.tell_status()
         return ok, unsaved
 
-    async def _effects(self, effects: tuple[ctl.Effect, ...], swap: float) -> bool:
-        """Runs effects in order; True when the state file must be written."""
+    async def _effects(self, effects: tuple[ctl.Effect, ...], swap: float, swapped: float) -> bool:
+        """Runs effects in order; True when the state file must be written.
+        A switch record counts its cleanup from ``swapped`` on (the flows the
+        swap stranded, then the old backend's)."""
         save = False
-        started = self._d.monotonic()
+        started = swapped
         for effect in effects:
             if isinstance(effect, ctl.Log):
                 log.log(effect.level, "%s", effect.message)

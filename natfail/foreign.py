@@ -4,8 +4,10 @@ DNAT saw them. Whatever natfail installs, such a rule takes the traffic; the
 operator hears of it in the log and in status.
 
 Each service is looked at once per FOREIGN_CHECK_INTERVAL, a slice of the
-services per tick, so a thousand services do not make a burst of conntrack
-dumps."""
+services per tick, and never more than FOREIGN_CHECKS_PER_SECOND services a
+second: each look is a conntrack dump, and a thousand services every 15 s
+would cost a fifth of a core. A foreign rule usually catches every service
+it matches, so the first service looked at shows it."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("natfail")
 
 FOREIGN_CHECK_INTERVAL = 15.0
+FOREIGN_CHECKS_PER_SECOND = 2.0
 
 
 class ForeignCheck:
@@ -37,7 +40,9 @@ class ForeignCheck:
             self._last = now - self._interval  # the first tick looks at everything
         elapsed, self._last = now - self._last, now
         count = len(self._d.services)
-        share = math.ceil(count * min(elapsed / self._interval, 1.0))
+        share = math.ceil(
+            min(count * elapsed / self._interval, FOREIGN_CHECKS_PER_SECOND * elapsed, count)
+        )
         if not share:
             return
         async with self._d.lock:

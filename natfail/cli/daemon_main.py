@@ -83,6 +83,7 @@ def _run_locked(conf: Config) -> int:
     from natfail.io.metrics import Metrics, MetricsError
     from natfail.io.probe_transport import UdpProbeTransport
     from natfail.io.sdnotify import SdNotify
+    from natfail.io.template_child import load_template
     from natfail.io.timestamps import STATE_FILE, TimestampClock
 
     dataplane: Dataplane
@@ -106,6 +107,7 @@ def _run_locked(conf: Config) -> int:
             backends,
             fdlimit.needed(backends),
         )
+    load_template()
     conntrack = ConntrackWorker(NetlinkConntrack)
     conf.daemon.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     clock = TimestampClock(conf.daemon.state_dir / STATE_FILE)

@@ -388,6 +388,54 @@ class InitiationTemplate:
     mac1: slice
     mac2: slice
 
+    def to_json(self) -> dict[str, Any]:
+        spans = {
+            name: [getattr(self, name).start, getattr(self, name).stop]
+            for name in ("sender_index", "ephemeral", "static", "timestamp", "mac1", "mac2")
+        }
+        return {"packet": self.packet.hex(), **spans}
+
+    @classmethod
+    def from_json(cls, data: Any) -> InitiationTemplate:
+        """The template :meth:`to_json` wrote (in another process); ValueError
+        when it is not one: the fields must lie where WireGuard has them."""
+        try:
+            packet = bytes.fromhex(data["packet"])
+            spans = {
+                name: slice(int(data[name][0]), int(data[name][1]))
+                for name in ("sender_index", "ephemeral", "static", "timestamp", "mac1", "mac2")
+            }
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"not an initiation template: {exc!r}") from None
+        template = cls(packet, **spans)
+        if template != _layout_template(packet):
+            raise ValueError("the template's fields are not where WireGuard has them")
+        return template
+
+
+def _layout_template(packet: bytes) -> InitiationTemplate:
+    """``packet`` with the field positions of LAYOUTS (to check a template)."""
+    fields = {name: (offset, size) for name, offset, size in LAYOUTS[MESSAGE_INITIATION][1]}
+    spans = {
+        attr: slice(fields[name][0], fields[name][0] + fields[name][1])
+        for attr, name in (
+            ("sender_index", "sender_index"),
+            ("ephemeral", "unencrypted_ephemeral"),
+            ("static", "encrypted_static"),
+            ("timestamp", "encrypted_timestamp"),
+            ("mac1", "mac1"),
+            ("mac2", "mac2"),
+        )
+    }
+    return InitiationTemplate(packet, **spans)
+
+
+def use_template(template: InitiationTemplate) -> None:
+    """Use a template built elsewhere (the daemon builds it in a child
+    process, so scapy's memory never stays in the daemon)."""
+    global _INITIATION
+    _INITIATION = template
+
 
 _INITIATION: InitiationTemplate | None = None
 _PER_PROBE: Final = {

@@ -883,3 +883,17 @@ def test_our_responder_reads_wireguard_go_accepted_initiations() -> None:
         responder.add_peer(keys.public_key, keys.preshared_key)
         record = vector.exchanges["plain"]
         assert responder.consume_initiation(bytes.fromhex(record.msg)).timestamp.hex() == record.ts
+
+
+def test_a_template_built_in_a_child_is_the_one_scapy_builds_here() -> None:
+    from natfail.io.template_child import load_template
+
+    here = noise.initiation_template()
+    assert load_template() == here
+    assert noise.InitiationTemplate.from_json(here.to_json()) == here
+    broken = here.to_json()
+    broken["mac1"] = [100, 116]
+    with pytest.raises(ValueError, match="not where WireGuard"):
+        noise.InitiationTemplate.from_json(broken)
+    with pytest.raises(ValueError, match="not an initiation template"):
+        noise.InitiationTemplate.from_json({"packet": "zz"})
