@@ -36,6 +36,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (  # noqa: E402
     nfct_msg,
 )
 
+from natfail import exitcodes  # noqa: E402
 from natfail.config import Endpoint  # noqa: E402
 from natfail.core.ruleset import backend_mark  # noqa: E402
 from natfail.io.conntrack import NetlinkConntrack  # noqa: E402
@@ -157,7 +158,7 @@ def main() -> int:
     }
     write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from common import machine as machine_info  # noqa: E402
 from common import write_results  # noqa: E402
 from nsrun import reexec_in_fresh_netns  # noqa: E402
 
+from natfail import exitcodes  # noqa: E402
 from natfail.config import Service  # noqa: E402
 from natfail.core import ruleset  # noqa: E402
 from natfail.io.iptables import IptablesDataplane  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> int:
     result["nftables_meets_target"] = result["nftables"]["median_ms"] < TARGET_NFT_MS  # type: ignore[index]
     write_results(RESULTS, result)
     print(json.dumps(result, indent=2))
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

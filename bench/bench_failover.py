@@ -4,12 +4,12 @@ A lab with two wireguard-go backends, the daemon in the gateway namespace with s
 probe settings (every 0.5 s, timeout 0.3 s, up after 1 answer, down after 2 misses,
 failback sticky), and the wireguard-go client pinging 10.99.0.1 through the tunnel
 every 50 ms for the whole run. Each round kills the active backend's wireguard-go
-(SIGTERM; its UDP port closes), and takes from the daemon's log when it saw the
-backend down ("backend X is down") and when it swapped (its switch record, "switch
-service=wg0 from=X to=Y ... swap_ms=N cleanup_ms=N"), and from the pings the client's
-outage: the time from the kill to the first reply after the backend was dead. Then
-the killed backend is started again and the round waits until the daemon sees it up;
-the next kill hits the other backend, so kills alternate.
+(SIGTERM; its UDP port closes), and takes from the daemon's switch record
+(`natfailctl events`) when it saw the backend fail (the swap began) and when the
+swap and the conntrack cleanup were done, and from the pings the client's outage:
+the time from the kill to the first reply after the backend was dead. Then the
+killed backend is started again and the round waits until the daemon's status
+shows it up; the next kill hits the other backend, so kills alternate.
 
 The outage is dominated by WireGuard itself: the backend that takes over has no
 session with the client, and the client only starts a new handshake about 15 s after
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import RESULTS_DIR, Daemon, Pinger, machine, stats, write_results  # noqa: E402
 
-from natfail.lab import Lab, LabBackend  # noqa: E402
+from natfail import exitcodes  # noqa: E402
+from natfail.lab import Lab, LabBackend, decided_at, probe_table  # noqa: E402
 
 RESULTS = RESULTS_DIR / "failover.json"
-PROBE = {"interval": 0.5, "timeout": 0.3, "rise": 1, "fall": 2}
-EXTRA = 'failback = "sticky"\n[service.probe]\n' + "\n".join(f"{k} = {v}" for k, v in PROBE.items())
+INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.3, 1, 2
+PROBE = {"interval": INTERVAL, "timeout": TIMEOUT, "rise": RISE, "fall": FALL}
+EXTRA = 'failback = "sticky"\n' + probe_table(INTERVAL, TIMEOUT, RISE, FALL)
 PING_INTERVAL = 0.05
 RECOVERY_LIMIT = 40.0
 
@@ -51,30 +52,24 @@ def one_kill(
     killed = time.time()
     victim.stop()
     dead = time.time()
-    detected = daemon.wait_log(f"backend {victim.name} is down", killed, 10.0)
-    swapped = daemon.wait_log(f"from={victim.name} to={other.name}", killed, 10.0)
+    swapped = daemon.wait_switch(victim.name, other.name, after=killed, timeout=10.0)
     back = pinger.first_reply_after(dead, RECOVERY_LIMIT)
     row: dict[str, Any] = {
         "killed": victim.name,
         "to": other.name,
         "kill_call_ms": round((dead - killed) * 1000, 1),
         "last_reply_before_kill_ms": round((before - killed) * 1000, 1) if before else None,
-        "detected_ms": round((detected[0] - killed) * 1000, 1) if detected else None,
-        "swapped_ms": round((swapped[0] - killed) * 1000, 1) if swapped else None,
-        "swap_ms": None,
-        "conntrack_cleanup_ms": None,
+        "detected_ms": round((decided_at(swapped) - killed) * 1000, 1) if swapped else None,
+        "swapped_ms": round((swapped["unix_time"] - killed) * 1000, 1) if swapped else None,
+        "swap_ms": swapped["swap_ms"] if swapped else None,
+        "conntrack_cleanup_ms": swapped["cleanup_ms"] if swapped else None,
         "outage_ms": round((back - killed) * 1000, 1) if back else None,
     }
-    if swapped:
-        m = re.search(r"swap_ms=([\d.]+) cleanup_ms=([\d.]+)", swapped[1])
-        if m:
-            row["swap_ms"] = float(m.group(1))
-            row["conntrack_cleanup_ms"] = float(m.group(2))
     # bring the victim back and wait until the daemon sees it up again
     restarted = time.time()
     victim.start()
-    up = daemon.wait_log(f"backend {victim.name} is up", restarted, 15.0)
-    row["back_up_seen_ms"] = round((up[0] - restarted) * 1000, 1) if up else None
+    up = daemon.wait_backend_state(victim.name, "up", timeout=15.0)
+    row["back_up_seen_ms"] = round((up - restarted) * 1000, 1) if up else None
     return row
 
 
@@ -84,7 +79,7 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_failover: run as root", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     rows: list[dict[str, Any]] = []
     started = time.time()
     with Lab(backends=2) as lab:
@@ -93,7 +88,7 @@ def main() -> int:
         pinger: Pinger | None = None
         try:
             if not daemon.wait_active("a", 20):
-                print(daemon.log.read_text(), file=sys.stderr)
+                print(daemon.logs(), file=sys.stderr)
                 raise SystemExit("bench_failover: the daemon did not select backend a")
             if not lab.client_ping(count=3, interval=0.1, timeout=5):
                 raise SystemExit("bench_failover: no pings through the tunnel")
@@ -147,7 +142,7 @@ def main() -> int:
     }
     write_results(RESULTS, result)
     print(json.dumps(result["summary_ms"], indent=2))
-    return 0 if result["recovered"] == len(rows) == args.kills else 1
+    return exitcodes.OK if result["recovered"] == len(rows) == args.kills else exitcodes.FAILED
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from bench_failover import EXTRA, PROBE  # noqa: E402
 from common import RESULTS_DIR, Daemon, Pinger, machine, write_results  # noqa: E402
 
+from natfail import exitcodes  # noqa: E402
 from natfail.lab import (  # noqa: E402
     GATEWAY_WAN_V4,
     PUBLIC_PORT,
@@ -182,14 +183,14 @@ def main() -> int:
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_nginx: run as root", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
     if shutil.which("nginx") is None or shutil.which("iperf3") is None:
         print(
             "bench_nginx: needs nginx, libnginx-mod-stream and iperf3 (scripts/bench "
             "installs them)",
             file=sys.stderr,
         )
-        return 2
+        return exitcodes.USAGE
     result: dict[str, Any] = {
         "what": "WireGuard through natfail's DNAT vs through NGINX stream (UDP proxy): "
         "iperf3 TCP throughput in the tunnel, and the client's outage when the "
@@ -349,7 +350,7 @@ def main() -> int:
     result["outage"] = {"natfail": out_natfail, "nginx": out_nginx}
     write_results(RESULTS, result)
     print(json.dumps({k: result[k] for k in ("throughput", "outage")}, indent=2))
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

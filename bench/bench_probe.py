@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: E402
 from wg_responder import Responder  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 
+from natfail import exitcodes  # noqa: E402
 from natfail.core import noise, tai64n  # noqa: E402
 
 TARGET_US = 150.0
@@ -191,7 +192,7 @@ def main() -> int:
     for name, us in primitives.items():
         print(f"  {name}: {us:.2f} us")
     print(f"written to {RESULTS.relative_to(ROOT)}")
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from common import machine as machine_info  # noqa: E402
 from common import write_results  # noqa: E402
 
-from natfail.lab import Lab, wait_until  # noqa: E402
+from natfail.lab import DaemonRunner, Lab  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "repair.json"
 TARGET_MS = 100.0
@@ -50,18 +50,10 @@ def main() -> None:
     samples: list[float] = []
     with Lab(backends=2) as lab:
         config = lab.write_config()
-        log = lab.dir / "natfail.log"
-        with open(log, "w") as sink:
-            daemon = lab.popen(
-                lab.gateway,
-                [sys.executable, "-m", "natfail", "-c", str(config)],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={"PYTHONPATH": str(ROOT)},
-            )
-        assert wait_until(lambda: "switch service=wg0 from=- to=a" in log.read_text(), 15), (
-            log.read_text()
-        )
+        daemon = DaemonRunner(lab, config)
+        daemon.start()
+        if not daemon.wait_active("a", 15):
+            raise SystemExit("the daemon did not select a: " + daemon.logs())
         monitor = lab.popen(lab.gateway, ["nft", "monitor", "tables"], stdout=subprocess.PIPE)
         time.sleep(0.3)
         for _ in range(args.n):
@@ -69,12 +61,11 @@ def main() -> None:
             lab.exec(lab.gateway, ["nft", "flush", "ruleset"])
             back = _read_until(monitor, "add table inet natfail", 5)
             if back is None:
-                raise SystemExit("the table did not come back within 5 s: " + log.read_text())
+                raise SystemExit("the table did not come back within 5 s: " + daemon.logs())
             samples.append((back - flushed) * 1000)
             time.sleep(0.2)
         monitor.kill()
-        daemon.terminate()
-        daemon.wait(10)
+        daemon.stop()
     samples.sort()
     result = {
         "what": "start of `nft flush ruleset` in the gateway -> natfail's table back "

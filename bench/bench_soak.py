@@ -29,11 +29,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import Daemon, Pinger, machine, write_results  # noqa: E402
 
-from natfail.lab import Lab  # noqa: E402
+from natfail.lab import Lab, probe_table  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "soak.json"
 INTERVAL, TIMEOUT, RISE, FALL = 0.5, 0.3, 1, 2
-PROBE = f"[service.probe]\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\nrise = {RISE}\nfall = {FALL}"
+PROBE = probe_table(INTERVAL, TIMEOUT, RISE, FALL)
 BOUND = FALL * INTERVAL + TIMEOUT + 0.3 + INTERVAL
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         pinger = Pinger(lab)
         try:
             if not daemon.wait_active("a"):
-                raise SystemExit("the daemon did not select a: " + daemon.log.read_text())
+                raise SystemExit("the daemon did not select a: " + daemon.logs())
             started = time.monotonic()
             dead_since: dict[str, float] = {}
             next_event = started + 3.0

@@ -1,22 +1,18 @@
 """The daemon as an operator runs it, for the namespace tests: `natfail -c FILE`
-in the lab's gateway namespace, driven with `natfailctl`."""
+in the lab's gateway namespace (natfail.lab's runner), driven with `natfailctl`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from natfail.lab import Lab, wait_until
+from natfail.lab import DAEMON_ENV, DaemonRunner, Lab, probe_table
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": str(REPO)}
+ENV = DAEMON_ENV
 INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 1, 2
 KINDS = ("nftables", "iptables")
 
@@ -38,72 +34,57 @@ class Gateway:
         adds to the daemon's environment."""
         self.lab = lab
         self.firewall = firewall
-        self.prefix = list(prefix)
-        self.env = {**ENV, **(env or {})}
-        extra = (
-            f"[service.probe]\ninterval = {INTERVAL}\ntimeout = {TIMEOUT}\n"
-            f"rise = {RISE}\nfall = {FALL}"
-        )
+        extra = probe_table(INTERVAL, TIMEOUT, RISE, FALL)
         if extra_service:
             extra = extra_service + "\n" + extra
-        self.config = lab.write_config(firewall=firewall, extra_service=extra)
-        self.log = lab.dir / f"daemon-{firewall}.log"
-        self.proc: subprocess.Popen[str] | None = None
+        config = lab.write_config(firewall=firewall, extra_service=extra)
+        log = lab.dir / f"daemon-{firewall}.log"
+        self.daemon = DaemonRunner(lab, config, log=log, prefix=prefix, env=env)
+
+    @property
+    def config(self) -> Path:
+        return self.daemon.config
+
+    @config.setter
+    def config(self, path: Path) -> None:
+        self.daemon.config = path
+
+    @property
+    def log(self) -> Path:
+        return self.daemon.log
+
+    @property
+    def proc(self) -> subprocess.Popen[str] | None:
+        """The daemon's process while it runs."""
+        return self.daemon.proc if self.daemon.running else None
 
     def start(self) -> None:
-        out = open(self.log, "a")  # noqa: SIM115 - the daemon keeps it while it runs
-        self.proc = self.lab.popen(
-            self.lab.gateway,
-            [*self.prefix, sys.executable, "-m", "natfail", "-c", str(self.config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        out.close()
-        assert wait_until(lambda: self.ctl("status").returncode == 0, 10), self.logs()
+        self.daemon.start()
+        assert self.daemon.wait_ready(10), self.logs()
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-        self.proc = None
+        self.daemon.stop(sig)
 
     def logs(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.daemon.logs()
 
     def ctl(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "natfail.cli.ctl", "-c", str(self.config), *argv],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env={**os.environ, **ENV},
-        )
+        return self.daemon.ctl(*argv)
 
     def status(self) -> dict[str, Any]:
-        proc = self.ctl("status", "--json")
-        assert proc.returncode == 0, proc.stderr
-        service: dict[str, Any] = json.loads(proc.stdout)["services"][0]
-        return service
+        """The service's part of the status."""
+        return self.daemon.service()
 
     def switches(self, previous: str | None = None, active: str | None = None) -> list[Any]:
         """The daemon's switch records (`natfailctl events --json`), oldest first;
         only those from ``previous`` to ``active`` when given."""
-        proc = self.ctl("events", "--json", "-n", "1000")
-        assert proc.returncode == 0, proc.stderr
-        events: list[Any] = json.loads(proc.stdout)["events"]
-        return [
-            e
-            for e in events
-            if (previous is None or e["from"] == previous) and (active is None or e["to"] == active)
-        ]
+        return self.daemon.switches(previous=previous, active=active)
 
     def backend_state(self, name: str) -> str:
-        return str(next(b for b in self.status()["backends"] if b["name"] == name)["state"])
+        return str(self.daemon.backend_state(name))
 
     def wait_active(self, name: str, timeout: float = 10.0) -> bool:
-        return wait_until(lambda: self.status()["active"] == name, timeout, 0.05)
+        return self.daemon.wait_active(name, timeout)
 
     def conntrack(self) -> str:
         return self.lab.exec(self.lab.gateway, ["conntrack", "-L", "-p", "udp"], check=False).stdout

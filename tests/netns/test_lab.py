@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from natfail import exitcodes
 from natfail.lab import (
     MARKER_DIR,
     PUBLIC_V4,
@@ -22,6 +23,9 @@ from natfail.lab import (
     LabError,
     Transfer,
     cleanup_stale,
+    decided_at,
+    pings,
+    probe_table,
     pubkey,
 )
 
@@ -249,3 +253,24 @@ def test_cleanup_stale_removes_a_killed_lab(lab: Lab) -> None:
     assert lab.id not in cleanup_stale()
     assert set(lab.namespaces) <= _netns()
     assert all(b.running for b in lab.backends)
+
+
+def test_ping_output_and_switch_records_are_read_in_one_place() -> None:
+    assert pings.received("3 packets transmitted, 2 received, 33% packet loss") == 2
+    assert pings.received("no summary") == 0
+    line = "[1700000000.250000] 64 bytes from 10.99.0.1: icmp_seq=7 ttl=64 time=0.1 ms"
+    assert pings.reply_time(line) == 1700000000.25
+    assert pings.reply_time("From 10.99.0.2 icmp_seq=8 Destination Host Unreachable") is None
+    record = {"unix_time": 100.5, "swap_ms": 200.0, "cleanup_ms": 300.0}
+    assert decided_at(record) == 100.0
+    assert probe_table(0.5, 0.3, 1, 2) == (
+        "[service.probe]\ninterval = 0.5\ntimeout = 0.3\nrise = 1\nfall = 2"
+    )
+
+
+def test_command_line_lists_labs(lab: Lab) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "natfail.lab", "list"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == exitcodes.OK, proc.stderr
+    assert f"{lab.id} pid {os.getpid()} live" in proc.stdout

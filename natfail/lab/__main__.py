@@ -1,0 +1,3 @@
+from natfail.lab.cli import main
+
+raise SystemExit(main())
