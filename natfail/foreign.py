@@ -45,18 +45,18 @@ class ForeignCheck:
         )
         if not share:
             return
-        async with self._d.lock:
-            for _ in range(min(share, count)):
-                if not self._queue:
-                    self._queue = list(self._d.services)
-                rt = self._d.services.get(self._queue.pop())
-                if rt is not None:
-                    await self.check(rt)
+        # No lock: a look reads one public endpoint and writes only rt.foreign,
+        # and must not hold up probe results and commands while conntrack dumps.
+        for _ in range(min(share, count)):
+            if not self._queue:
+                self._queue = list(self._d.services)
+            rt = self._d.services.get(self._queue.pop())
+            if rt is not None:
+                await self.check(rt)
 
     async def check_all(self) -> None:
-        async with self._d.lock:
-            for rt in list(self._d.services.values()):
-                await self.check(rt)
+        for rt in list(self._d.services.values()):
+            await self.check(rt)
 
     async def check(self, rt: ServiceRuntime) -> None:
         if rt.active is None:

@@ -24,6 +24,7 @@ class FakeDataplane:
     """Holds one installed Ruleset; `fail_next` refuses that many applies."""
 
     name = "fake"
+    inline = False  # as the iptables dataplane: the worker thread is exercised
 
     def __init__(self, calls: list[Call], installed: ruleset.Ruleset | None = None) -> None:
         self.calls = calls

@@ -133,6 +133,8 @@ class NftablesDataplane:
     """:class:`natfail.io.dataplane.Dataplane` on ``table inet natfail``."""
 
     name = "nftables"
+    inline = True
+    """Short enough to call on the event loop (see natfail.firewall)."""
 
     def __init__(self, nft: Libnftables | None = None) -> None:
         self._nft = nft or Libnftables()
