@@ -101,26 +101,29 @@ class ServiceRuntime:
         return self.state.no_healthy
 
 
-def load_keys(
-    service: cfg.Service, read: Callable[[Path], bytes] = cfg.load_key_file
-) -> noise.Keys:
-    """The probe identity of one service; ConfigError-like ValueError when unusable."""
-    private = read(service.probe.private_key_file)
-    psk = read(service.preshared_key_file) if service.preshared_key_file else None
-    return noise.Keys(private, service.server_public_key, psk or bytes(32))
-
-
-def load_all_keys(services: Iterable[cfg.Service]) -> dict[str, noise.Keys]:
+def load_all_keys(
+    services: Iterable[cfg.Service], files: dict[Path, bytes] | None = None
+) -> dict[str, noise.Keys]:
     """Every service's keys, each key file read once (a thousand services
-    usually share one probe key)."""
-    files: dict[Path, bytes] = {}
+    usually share one probe key), ``files`` holding those already read; and
+    the same keys computed once."""
+    read_files: dict[Path, bytes] = dict(files or {})
+    made: dict[tuple[bytes, bytes, bytes], noise.Keys] = {}
 
     def read(path: Path) -> bytes:
-        if path not in files:
-            files[path] = cfg.load_key_file(path)
-        return files[path]
+        if path not in read_files:
+            read_files[path] = cfg.load_key_file(path)
+        return read_files[path]
 
-    return {s.name: load_keys(s, read) for s in services}
+    keys: dict[str, noise.Keys] = {}
+    for s in services:
+        private = read(s.probe.private_key_file)
+        psk = read(s.preshared_key_file) if s.preshared_key_file else bytes(32)
+        index = (private, s.server_public_key, psk)
+        if index not in made:
+            made[index] = noise.Keys(private, s.server_public_key, psk)
+        keys[s.name] = made[index]
+    return keys
 
 
 class Daemon:
