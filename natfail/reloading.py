@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from natfail import config as cfg
 from natfail import exitcodes
-from natfail.config import offline
 from natfail.core import noise
 from natfail.core import reload as planner
 from natfail.io.control import RequestError
@@ -48,29 +44,6 @@ def read_config(path: Path, running: cfg.Config) -> tuple[cfg.Config, dict[str, 
     return new, load_all_keys(new.services)
 
 
-async def read_in_child(
-    path: Path, running: cfg.Config
-) -> tuple[cfg.Config, dict[str, noise.Keys]]:
-    """:func:`read_config`, with the parsing in a child process (see
-    :mod:`natfail.config.offline`); in a thread if no child can start."""
-    from natfail.daemon import load_all_keys
-
-    loop = asyncio.get_running_loop()
-    try:
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    except OSError as exc:
-        log.warning("reading the config in a thread: no child process (%s)", exc)
-        return await asyncio.to_thread(read_config, path, running)
-    try:
-        new, files = await loop.run_in_executor(pool, offline.read_checked, path, running.daemon)
-    except (BrokenProcessPool, OSError) as exc:
-        log.warning("reading the config in a thread: the child failed (%s)", exc)
-        return await asyncio.to_thread(read_config, path, running)
-    finally:
-        pool.shutdown(wait=False)
-    return new, load_all_keys(new.services, files)
-
-
 class Reloader:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
@@ -88,7 +61,7 @@ class Reloader:
         d = self._d
         path = d.config.path
         try:
-            new, keys = await read_in_child(path, d.config)
+            new, keys = await asyncio.to_thread(read_config, path, d.config)
         except (cfg.ConfigError, ValueError) as exc:
             log.error("reload refused, the running config stays: %s", exc)
             raise RequestError(f"reload refused: {exc}", exitcodes.USAGE) from None

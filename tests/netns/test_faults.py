@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from natfail.core import tai64n
+from natfail.io import timestamps
 from natfail.lab import Lab, wait_until
 from tests.netns.gateway import Gateway
 
@@ -220,7 +221,7 @@ def test_probe_clock_stepped_back_keeps_probes_accepted(gw: Gateway) -> None:
     must still be accepted. Without the saved stamp they are not (the
     control at the end), which shows the case is real."""
     lab = gw.lab
-    stamp_file = lab.dir / "state" / "probe-timestamp"
+    stamp_file = lab.dir / "state" / timestamps.STATE_FILE
     gw.stop()
     stamp_file.write_bytes(tai64n.tai64n(time.time_ns() + 3600 * 10**9))
     gw.start()

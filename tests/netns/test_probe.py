@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from natfail.io import timestamps
 from natfail.lab import Lab, LabBackend, genkey, pubkey
 
 REPO = Path(__file__).resolve().parents[2]
@@ -270,7 +271,7 @@ def test_real_wireguard_under_load_is_up(backends_up: Lab) -> None:
     argv = [
         sys.executable,
         "-c",
-        _SHARED_CLOCK.format(stamps=lab.dir / "state" / "probe-timestamp"),
+        _SHARED_CLOCK.format(stamps=lab.dir / "state" / timestamps.STATE_FILE),
         backend.v4,
         str(backend.port),
         lab.server_key.public_b64,
