@@ -180,9 +180,6 @@ class Daemon:
     def actives(self) -> dict[str, str | None]:
         return {name: rt.state.active for name, rt in self.services.items()}
 
-    async def transaction(self, actives: dict[str, str | None]) -> str | None:
-        return await self.executor.transaction(actives)
-
     # -- repair -------------------------------------------------------------------------
 
     async def reconcile(self, why: str) -> None:
@@ -199,7 +196,7 @@ class Daemon:
                 self.firewall.installed = desired
                 return
             self.firewall.installed = installed
-            if await self.transaction(self.actives()) is None:
+            if await self.executor.transaction(self.actives()) is None:
                 log.warning("repaired natfail's firewall rules (%s)", why)
                 if self.metrics:
                     self.metrics.repairs.inc()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from natfail import config as cfg
 from natfail.core import controller as ctl
 from natfail.core.records import SwitchRecord
 from natfail.io import loop_errors
@@ -24,6 +26,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("natfail")
 
 
+@dataclass(frozen=True)
+class Transacted:
+    error: str | None
+    """Why the transaction failed; None when it went in."""
+    swap: float
+    """Seconds the transaction took."""
+    unstrand: float
+    """Seconds the removal of the flows it stranded took after it."""
+
+
 class Executor:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
@@ -32,22 +44,25 @@ class Executor:
     async def transaction(self, actives: dict[str, str | None]) -> str | None:
         """One transaction to the rules of ``actives``, then the flows it
         strands; None on success, else why not (and a check follows)."""
-        error, _ = await self._transaction(actives)
-        return error
+        return (await self.transact(self._d.config.services, actives)).error
 
-    async def _transaction(self, actives: dict[str, str | None]) -> tuple[str | None, float]:
-        """(why it failed or None, when the transaction itself was done)."""
+    async def transact(
+        self, services: tuple[cfg.Service, ...], actives: dict[str, str | None]
+    ) -> Transacted:
+        """The transaction for ``services`` with ``actives``; only if it
+        succeeded, the removal of the flows it stranded."""
         firewall = self._d.firewall
         before = firewall.installed
-        desired = firewall.build(self._d.config.services, actives)
+        desired = firewall.build(services, actives)
+        started = self._d.monotonic()
         error = await firewall.apply(desired)
-        done = self._d.monotonic()
+        swapped = self._d.monotonic()
         if error is not None:
             # The firewall may have changed under us: look at it next tick.
             self._d.request_check()
-        else:
-            await firewall.unstrand(desired, before)
-        return error, done
+            return Transacted(error, swapped - started, 0.0)
+        await firewall.unstrand(desired, before)
+        return Transacted(None, swapped - started, self._d.monotonic() - swapped)
 
     async def carry_out(
         self, outcomes: list[tuple[ServiceRuntime, ctl.Outcome]]
@@ -57,57 +72,76 @@ class Executor:
         and why the state file could not be written (None when it was)."""
         save = False
         moving: list[tuple[ServiceRuntime, ctl.Outcome]] = []
-        for rt, outcome in outcomes:
-            save |= await self._effects(outcome.effects, 0.0, self._d.monotonic())
-            if outcome.transaction is None:
-                rt.state = outcome.state
-            else:
-                moving.append((rt, outcome))
         ok = True
-        if moving:
-            actives = self._d.actives()
-            for rt, outcome in moving:
-                assert outcome.transaction is not None
-                actives[rt.state.name] = outcome.transaction.active
-            started = self._d.monotonic()
-            error, swapped = await self._transaction(actives)
-            ok = error is None
-            for rt, outcome in moving:
-                assert outcome.kept is not None
-                rt.state = outcome.state if ok else outcome.kept
-                effects = outcome.after if ok else outcome.failed
-                save |= await self._effects(effects, swapped - started, swapped)
-        for rt, outcome in outcomes:
-            if outcome.wake_at is not None:
-                self._d.prober.wake(rt.state.name, outcome.wake_at)
-        unsaved = self._d.save_state() if save else None
-        if moving and ok:
-            self._d.tell_status()
+        try:
+            for rt, outcome in outcomes:
+                save |= await self._effects(rt, outcome.effects)
+                if outcome.transaction is None:
+                    rt.state = outcome.state
+                else:
+                    moving.append((rt, outcome))
+            if moving:
+                actives = self._d.actives()
+                for rt, outcome in moving:
+                    assert outcome.transaction is not None
+                    actives[rt.state.name] = outcome.transaction.active
+                try:
+                    done = await self.transact(self._d.config.services, actives)
+                except BaseException:
+                    # Not knowing whether it went in: a check reads the truth.
+                    self._d.request_check()
+                    raise
+                ok = done.error is None
+                # Every mover takes its state before any of them tells: an
+                # effect that fails must not leave the others behind the rules.
+                for rt, outcome in moving:
+                    assert outcome.kept is not None
+                    rt.state = outcome.state if ok else outcome.kept
+                for rt, outcome in moving:
+                    effects = outcome.after if ok else outcome.failed
+                    save |= await self._effects(rt, effects, done)
+        finally:
+            for rt, outcome in outcomes:
+                if outcome.wake_at is not None:
+                    self._d.prober.wake(rt.state.name, outcome.wake_at)
+            unsaved = self._d.save_state() if save else None
+            if moving and ok:
+                self._d.tell_status()
         return ok, unsaved
 
-    async def _effects(self, effects: tuple[ctl.Effect, ...], swap: float, swapped: float) -> bool:
-        """Runs effects in order; True when the state file must be written.
-        A switch record counts its cleanup from ``swapped`` on (the flows the
-        swap stranded, then the old backend's)."""
+    async def _effects(
+        self,
+        rt: ServiceRuntime,
+        effects: tuple[ctl.Effect, ...],
+        done: Transacted | None = None,
+    ) -> bool:
+        """Runs one service's effects in order; True when the state file must
+        be written. One that fails is logged and the rest still run. A switch
+        record's cleanup is the stranded flows' removal plus this service's
+        own cleanup."""
         save = False
-        started = swapped
+        started = self._d.monotonic()
         for effect in effects:
-            if isinstance(effect, ctl.Log):
-                log.log(effect.level, "%s", effect.message)
-            elif isinstance(effect, ctl.Cleanup):
-                await self._d.firewall.cleanup(effect)
-            elif isinstance(effect, ctl.Switched):
-                self.switched(effect, swap, self._d.monotonic() - started)
-            elif isinstance(effect, ctl.SaveState):
-                save = True
-            elif isinstance(effect, ctl.LocalProbeError):
-                self._local_errors.report(
-                    f"probes failing on this gateway ({effect.reason}); "
-                    "not counted against any backend",
-                    f"{effect.service}: probe of {effect.backend} failed on this gateway "
-                    f"({effect.reason}); not counted against the backend",
-                    level=logging.ERROR,
-                )
+            try:
+                if isinstance(effect, ctl.Log):
+                    log.log(effect.level, "%s", effect.message)
+                elif isinstance(effect, ctl.Cleanup):
+                    await self._d.firewall.cleanup(effect)
+                elif isinstance(effect, ctl.Switched):
+                    swap, unstrand = (done.swap, done.unstrand) if done else (0.0, 0.0)
+                    self.switched(effect, swap, unstrand + self._d.monotonic() - started)
+                elif isinstance(effect, ctl.SaveState):
+                    save = True
+                elif isinstance(effect, ctl.LocalProbeError):
+                    self._local_errors.report(
+                        f"probes failing on this gateway ({effect.reason}); "
+                        "not counted against any backend",
+                        f"{effect.service}: probe of {effect.backend} failed on this gateway "
+                        f"({effect.reason}); not counted against the backend",
+                        level=logging.ERROR,
+                    )
+            except Exception:
+                log.exception("%s: carrying out %s failed", rt.state.name, type(effect).__name__)
         return save
 
     def switched(self, effect: ctl.Switched, swap: float, cleanup: float) -> None:

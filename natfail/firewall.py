@@ -111,14 +111,6 @@ class Firewall:
                     exc,
                 )
 
-    async def apply_and_unstrand(self, desired: ruleset.Ruleset) -> str | None:
-        """The transaction; then, only if it succeeded, the flows it strands go."""
-        before = self.installed
-        error = await self.apply(desired)
-        if error is None:
-            await self.unstrand(desired, before)
-        return error
-
     async def cleanup(self, effect: Cleanup) -> None:
         try:
             result = await self.conntrack.remove_backend(effect.mark, effect.address)

@@ -15,7 +15,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
-from natfail.core import ruleset
+from natfail.core import ruleset, status
 from natfail.io.conntrack import ConntrackError
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ log = logging.getLogger("natfail")
 
 FOREIGN_CHECK_INTERVAL = 15.0
 FOREIGN_CHECKS_PER_SECOND = 2.0
+MAX_CATCH_UP = 2.0
 
 
 class ForeignCheck:
@@ -37,8 +38,9 @@ class ForeignCheck:
     async def tick(self) -> None:
         now = self._d.monotonic()
         if self._last is None:
-            self._last = now - self._interval  # the first tick looks at everything
-        elapsed, self._last = now - self._last, now
+            self._last = now
+        # A stalled loop does not catch up with a burst of dumps.
+        elapsed, self._last = min(now - self._last, MAX_CATCH_UP), now
         count = len(self._d.services)
         share = math.ceil(
             min(count * elapsed / self._interval, FOREIGN_CHECKS_PER_SECOND * elapsed, count)
@@ -47,7 +49,7 @@ class ForeignCheck:
             return
         # No lock: a look reads one public endpoint and writes only rt.foreign,
         # and must not hold up probe results and commands while conntrack dumps.
-        for _ in range(min(share, count)):
+        for _ in range(share):
             if not self._queue:
                 self._queue = list(self._d.services)
             rt = self._d.services.get(self._queue.pop())
@@ -70,7 +72,7 @@ class ForeignCheck:
             return
         foreign = ruleset.foreign_targets(service, flows.by_reply_source)
         if foreign and foreign != rt.foreign:
-            shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(foreign.items()))
+            shown = status.describe_foreign(foreign)
             log.warning(
                 "%s: client flows to %s are NATed to %s, not by natfail: another "
                 "DNAT rule comes before natfail's and overrides it",

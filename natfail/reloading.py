@@ -79,19 +79,16 @@ class Reloader:
                     changed_keys,
                     now,
                 )
-                desired = d.firewall.build(
+                done = await d.executor.transact(
                     new.services, {name: s.active for name, s in plan.states.items()}
                 )
-                started = d.monotonic()
-                error = await d.firewall.apply_and_unstrand(desired)
             except Exception as exc:
                 log.error("reload failed, the running config stays: %s", error_line(exc))
                 log.debug("reload failure", exc_info=True)
                 raise RequestError(
                     f"reload failed, the running config stays: {error_line(exc)}"
                 ) from None
-            if error is not None:
-                d.request_check()
+            if done.error is not None:
                 log.error(
                     "reload refused, the running config stays: the firewall refused the new rules"
                 )
@@ -99,13 +96,13 @@ class Reloader:
                     "reload refused: the firewall refused the new rules; the "
                     "running config stays (see the log)"
                 )
-            swapped = d.monotonic()
             self._adopt(new, keys, plan, now)
+            started = d.monotonic()
             for cleanup in plan.cleanups:
                 await d.firewall.cleanup(cleanup)
-            cleaned = d.monotonic()
+            cleaned = done.unstrand + d.monotonic() - started
             for record in plan.switched:
-                d.executor.switched(record, swapped - started, cleaned - swapped)
+                d.executor.switched(record, done.swap, cleaned)
             d.save_state()
         message = (
             f"reloaded {path}: {len(new.services)} service(s), {len(plan.added)} added, "

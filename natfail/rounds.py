@@ -41,7 +41,7 @@ class Prober:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._wakes: dict[str, asyncio.TimerHandle] = {}
+        self._wakes: dict[str, tuple[float, asyncio.TimerHandle]] = {}
 
     # -- the schedule -------------------------------------------------------------------
 
@@ -79,16 +79,18 @@ class Prober:
 
     def wake(self, name: str, at: float) -> None:
         """Decide ``name`` again at ``at`` (monotonic), without a probe."""
-        old = self._wakes.pop(name, None)
+        old = self._wakes.get(name)
         if old is not None:
-            old.cancel()
+            if old[0] == at:
+                return  # every round of a pending preempt asks for the same time
+            old[1].cancel()
         delay = max(0.0, at - self._d.monotonic())
 
         def due() -> None:
             self._wakes.pop(name, None)
             self._queue.put_nowait(_Done(name, None, None))
 
-        self._wakes[name] = asyncio.get_running_loop().call_later(delay, due)
+        self._wakes[name] = (at, asyncio.get_running_loop().call_later(delay, due))
 
     async def round_now(self, name: str) -> None:
         """One round of ``name`` now, returning once its outcome is carried out."""
@@ -99,7 +101,7 @@ class Prober:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for handle in self._wakes.values():
+        for _, handle in self._wakes.values():
             handle.cancel()
         for task in [*self._tasks, *([self._pump] if self._pump else [])]:
             task.cancel()
@@ -110,6 +112,7 @@ class Prober:
     # -- one round ----------------------------------------------------------------------
 
     async def _round(self, name: str, waiter: asyncio.Future[None] | None) -> None:
+        queued = False
         try:
             rt = self._d.services.get(name)
             if rt is None:
@@ -134,13 +137,17 @@ class Prober:
             )
             done = _Done(name, ctl.Round(probed, state.keys_epoch, self._d.monotonic()), waiter)
             waiter = None
+            # Still "in flight" until the pump has handled it: a slow pump
+            # skips rounds instead of piling up one per interval.
+            queued = True
             self._queue.put_nowait(done)
         except asyncio.CancelledError:
             raise
         except Exception:  # one bad round must not end the service's probing
             log.exception("%s: probe round failed", name)
         finally:
-            self._in_flight.discard(name)
+            if not queued:
+                self._in_flight.discard(name)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
@@ -160,6 +167,8 @@ class Prober:
             except Exception:
                 log.exception("carrying out probe results failed")
             for done in batch:
+                if done.round is not None:
+                    self._in_flight.discard(done.name)
                 if done.waiter is not None and not done.waiter.done():
                     done.waiter.set_result(None)
 

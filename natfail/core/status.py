@@ -12,10 +12,15 @@ from natfail.core.controller import ServiceState
 from natfail.core.model import Endpoint
 
 
+def describe_foreign(foreign: Mapping[str, int]) -> str:
+    """``{address: flows}`` of foreign-NATed flows, for a message."""
+    return ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(foreign.items()))
+
+
 def foreign_warning(public: Endpoint, foreign: Mapping[str, int]) -> list[str]:
     if not foreign:
         return []
-    shown = ", ".join(f"{addr} ({n} flows)" for addr, n in sorted(foreign.items()))
+    shown = describe_foreign(foreign)
     return [
         f"client flows to {public} are NATed to {shown} by a rule that is "
         "not natfail's and comes first"
