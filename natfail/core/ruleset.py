@@ -11,12 +11,21 @@ must do.
   entry gets the backend's mark (``ct mark set M dnat to B``).
 * :class:`Snat` per backend of every service (active or not): UDP that the backend
   itself starts from its WireGuard port leaves the gateway as ``public`` and gets the
-  backend's mark. A standby backend is covered too: a backend that lost the client
-  re-initiates a handshake later, and that packet must never reach a client from the
-  backend's private address. (While the client's own flow is in the conntrack table, a
-  standby backend's packet clashes with it on public:port and the kernel drops it.)
+  backend's mark. A standby's SNAT stays too, although its fence (below) drops what it
+  would apply to: a switch then moves only DNAT and fence elements, never an SNAT.
 * :class:`Masquerade` per backend of a ``source_nat = "masquerade"`` service: DNATed
   client traffic of that backend's mark is also SNATed to the gateway.
+* :class:`Fence` per backend of a service with an active backend, other than that one:
+  UDP that the backend starts from its WireGuard port (conntrack direction original),
+  forwarded through the gateway, is dropped before the SNAT could give it the public
+  endpoint. A standby that re-handshakes with a client (its stale timers, or an agent
+  told it the client's endpoint) would otherwise take the client's flow over: the
+  client's WireGuard accepts it from the public address and the flow follows it. Only
+  the original direction: a reply in a flow the gateway DNATed to that backend (the
+  old backend answering until its conntrack entries are removed) passes, and the
+  gateway's own probes never cross the forward hook at all. A service with no active
+  backend yet fences nothing (no DNAT, nothing to take over). With or without agents,
+  for both ``source_nat`` modes: a standby that speaks to a client is always wrong.
 
 Marks (:func:`backend_mark`): ``0x6E`` ("n") in the top byte, then the low 24 bits of
 BLAKE2b("natfail\\0" service "\\0" backend). They only depend on the two names, so they
@@ -26,18 +35,35 @@ prefix (:func:`is_natfail_mark`); two (service, backend) pairs with the same mar
 refused (:class:`RulesetError`: rename one). natfail sets the whole 32-bit ct mark.
 
 When a service has no active backend (all down), the caller keeps passing the last
-active one: the last rule stays. ``None`` means "never had one" (no DNAT, SNAT only).
+active one: the last rule stays. ``None`` means "never had one" (no DNAT and no fence,
+SNAT only).
 
 nftables (:func:`nft_commands`): one ``table inet natfail`` with two nat base chains
 whose rules never change; the backend choice lives in maps keyed by the public endpoint
 (``dnat4``/``mark4``, ``dnat4_if``/``mark4_if`` with the inbound interface in the key,
 the same with 6) and ``snat4``/``smark4`` keyed by the backend endpoint, plus a ``masq``
-set of marks. A swap is "delete element, add element" of two maps in one transaction.
-Every element carries a comment ``service/backend`` so a read-back gives the names.
+set of marks. The fence is a filter chain ``fence`` (``hook forward priority filter -
+10``) with one rule per family, ``ct direction original ip saddr . udp sport @fence4
+counter drop`` (the same with ``ip6`` and ``@fence6``), the sets keyed like ``snat4``.
+A swap is "delete element, add element" of the DNAT maps and of the fence set in one
+transaction: the old backend is fenced in the very transaction that takes its traffic
+away, the new one unfenced in the one that gives it the traffic. Every element carries
+a comment ``service/backend`` so a read-back gives the names.
+
+The fence chain's priority: a drop in any base chain is final and an accept in another
+one (a user's, iptables' FORWARD) only ends that chain, so no other chain can let a
+fenced packet through, whatever the order. Just before ``filter`` (0), it runs before
+the users' and iptables' filter chains, whose counters, logs and flowtable ``flow add``
+then never see a packet that is dropped anyway, and leaves ``mangle`` (-150) to them.
+There is no NAT on the forward hook, so the addresses it matches are the backend's own.
 
 iptables (:func:`iptables_rules`): chains ``NATFAIL-PRE`` and ``NATFAIL-POST`` in the
 nat table (``-j`` from PREROUTING and POSTROUTING), two rules per entry (CONNMARK, then
-DNAT/SNAT/MASQUERADE), each with a comment ``natfail <kind> service/backend``.
+DNAT/SNAT/MASQUERADE), each with a comment ``natfail <kind> service/backend``; the fence
+is chain ``NATFAIL-FENCE`` of the filter table (``-j`` from FORWARD), one rule per
+fenced backend, ``-s B -p udp --sport P -m conntrack --ctdir ORIGINAL -j DROP``. The
+two tables are two commits; :func:`iptables_commits` orders them so that no moment lets
+a standby's packet out.
 """
 
 from __future__ import annotations
@@ -51,6 +77,7 @@ from typing import Any, Final, Literal
 from natfail.core.model import Endpoint, Service
 
 __all__ = [
+    "IPT_FENCE_CHAIN",
     "IPT_POST_CHAIN",
     "IPT_PRE_CHAIN",
     "MARK_MASK",
@@ -58,7 +85,10 @@ __all__ = [
     "MARK_PREFIX_MASK",
     "NFT_FAMILY",
     "NFT_TABLE",
+    "Builder",
     "Dnat",
+    "Fence",
+    "IptCommit",
     "IptRule",
     "Masquerade",
     "Ruleset",
@@ -68,6 +98,8 @@ __all__ = [
     "backend_mark",
     "build",
     "foreign_targets",
+    "iptables_commits",
+    "iptables_fence_rules",
     "iptables_rules",
     "is_natfail_mark",
     "marks",
@@ -85,6 +117,7 @@ NFT_FAMILY: Final = "inet"
 NFT_TABLE: Final = "natfail"
 IPT_PRE_CHAIN: Final = "NATFAIL-PRE"
 IPT_POST_CHAIN: Final = "NATFAIL-POST"
+IPT_FENCE_CHAIN: Final = "NATFAIL-FENCE"
 
 
 class RulesetError(ValueError):
@@ -182,19 +215,42 @@ class Masquerade:
 
 
 @dataclass(frozen=True)
+class Fence:
+    """UDP that ``backend`` (a standby) starts from its port is dropped at the gateway."""
+
+    backend: Endpoint
+    service: str
+    backend_name: str
+
+    def sort_key(self) -> tuple[str, str, str]:
+        return (str(self.backend), self.service, self.backend_name)
+
+    @property
+    def family(self) -> int:
+        return self.backend.family
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """Everything natfail wants installed (or finds installed)."""
 
     dnat: frozenset[Dnat] = frozenset()
     snat: frozenset[Snat] = frozenset()
     masquerade: frozenset[Masquerade] = frozenset()
+    fence: frozenset[Fence] = frozenset()
 
     def __post_init__(self) -> None:
         _check_unique(self)
 
     @property
     def empty(self) -> bool:
-        return not (self.dnat or self.snat or self.masquerade)
+        return not (self.dnat or self.snat or self.masquerade or self.fence)
+
+    def nat(self) -> Ruleset:
+        """The same without the fence: what the NAT rules alone hold."""
+        if not self.fence:
+            return self
+        return _unchecked(self.dnat, self.snat, self.masquerade, frozenset())
 
     def active(self) -> dict[str, str]:
         """``{service: backend}`` of the DNATs: what a restarted daemon adopts."""
@@ -227,14 +283,40 @@ def _check_unique(rs: Ruleset) -> None:
     for m in rs.masquerade:
         if not is_natfail_mark(m.mark):
             raise RulesetError(f"{m.service}/{m.backend_name}: {m.mark:#x} is not a natfail mark")
+    # one element per endpoint in the fence sets: two names for one would read back as one
+    fenced: dict[Endpoint, Fence] = {}
+    for f in rs.fence:
+        seen = fenced.get(f.backend)
+        if seen is not None:
+            raise RulesetError(
+                f"backend address {f.backend} is fenced for {seen.service}/{seen.backend_name}"
+                f" and {f.service}/{f.backend_name}"
+            )
+        fenced[f.backend] = f
+
+
+def _unchecked(
+    dnat: frozenset[Dnat],
+    snat: frozenset[Snat],
+    masquerade: frozenset[Masquerade],
+    fence: frozenset[Fence],
+) -> Ruleset:
+    """A Ruleset made of parts already known to be valid together (no check)."""
+    rs = object.__new__(Ruleset)
+    object.__setattr__(rs, "dnat", dnat)
+    object.__setattr__(rs, "snat", snat)
+    object.__setattr__(rs, "masquerade", masquerade)
+    object.__setattr__(rs, "fence", fence)
+    return rs
 
 
 def build(services: Iterable[Service], active: Mapping[str, str | None]) -> Ruleset:
     """The desired state for the services and the active backend of each.
 
     ``active[service]`` names the backend that gets the traffic (the caller keeps the
-    last active one when all are down); a missing or None entry installs no DNAT for
-    that service (its SNAT stays). An unknown service or backend name is an error."""
+    last active one when all are down) and every other backend of it is fenced; a
+    missing or None entry installs no DNAT and no fence for that service (its SNAT
+    stays). An unknown service or backend name is an error."""
     services = tuple(services)
     by_name = {s.name: s for s in services}
     for name in active:
@@ -244,12 +326,16 @@ def build(services: Iterable[Service], active: Mapping[str, str | None]) -> Rule
     dnat: set[Dnat] = set()
     snat: set[Snat] = set()
     masq: set[Masquerade] = set()
+    fence: set[Fence] = set()
     for svc in services:
         chosen = active.get(svc.name)
         if chosen is not None:
             b = svc.backend(chosen)
             if b is None:
                 raise RulesetError(f"service {svc.name} has no backend {chosen!r}")
+            fence.update(
+                Fence(o.address, svc.name, o.name) for o in svc.backends if o.name != b.name
+            )
             dnat.add(
                 Dnat(
                     svc.public,
@@ -265,15 +351,16 @@ def build(services: Iterable[Service], active: Mapping[str, str | None]) -> Rule
             snat.add(Snat(b.address, svc.public, m, svc.name, b.name))
             if svc.source_nat == "masquerade":
                 masq.add(Masquerade(m, svc.name, b.name))
-    return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq))
+    return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq), frozenset(fence))
 
 
 class Builder:
     """:func:`build` for one config, made once: the SNAT and masquerade parts
-    never change with the actives, and each service's DNAT is one of a few.
-    A switch of one service among a thousand then costs a dictionary lookup
-    per service, and the unchanged parts are the very same objects, so the
-    next diff skips them."""
+    never change with the actives, and each service's DNAT and fence are one
+    of a few. The unchanged parts are the very same objects, so the next diff
+    skips them, and a build that differs from the previous one in a few
+    services changes only their entries in the previous sets: a switch of one
+    service among a thousand costs no hashing of the other 999."""
 
     def __init__(self, services: Iterable[Service]) -> None:
         self.services = tuple(services)
@@ -281,7 +368,9 @@ class Builder:
         self._snat, self._masquerade = base.snat, base.masquerade
         mark_of = marks(self.services)
         self._dnat: dict[tuple[str, str], Dnat] = {}
+        self._fence: dict[tuple[str, str], tuple[Fence, ...]] = {}
         for svc in self.services:
+            fences = {b.name: Fence(b.address, svc.name, b.name) for b in svc.backends}
             for b in svc.backends:
                 self._dnat[(svc.name, b.name)] = Dnat(
                     svc.public,
@@ -291,26 +380,64 @@ class Builder:
                     svc.name,
                     b.name,
                 )
+                self._fence[(svc.name, b.name)] = tuple(
+                    f for name, f in fences.items() if name != b.name
+                )
         self._names = {svc.name for svc in self.services}
+        self._last: tuple[dict[str, str | None], Ruleset] | None = None
+
+    def _dnat_of(self, name: str, chosen: str) -> Dnat:
+        d = self._dnat.get((name, chosen))
+        if d is None:
+            if name not in self._names:
+                raise RulesetError(f"unknown service {name!r}")
+            raise RulesetError(f"service {name} has no backend {chosen!r}")
+        return d
 
     def build(self, active: Mapping[str, str | None]) -> Ruleset:
-        dnat: list[Dnat] = []
-        for name, chosen in active.items():
-            if chosen is None:
-                continue
-            d = self._dnat.get((name, chosen))
-            if d is None:
-                if name not in self._names:
-                    raise RulesetError(f"unknown service {name!r}")
-                raise RulesetError(f"service {name} has no backend {chosen!r}")
-            dnat.append(d)
-        # Each service has one public endpoint of its own (checked above and
-        # by the config), so the DNATs need no further check.
-        rs = object.__new__(Ruleset)
-        object.__setattr__(rs, "dnat", frozenset(dnat))
-        object.__setattr__(rs, "snat", self._snat)
-        object.__setattr__(rs, "masquerade", self._masquerade)
+        # Each service has one public endpoint of its own (checked in __init__
+        # and by the config), and the fences are backends whose addresses the
+        # SNATs already proved unique, so neither needs a further check.
+        if self._last is not None and self._last[0].keys() == active.keys():
+            rs = self._changed(*self._last, active)
+        else:
+            dnat: list[Dnat] = []
+            fence: list[Fence] = []
+            for name, chosen in active.items():
+                if chosen is not None:
+                    dnat.append(self._dnat_of(name, chosen))
+                    fence += self._fence[(name, chosen)]
+            rs = _unchecked(frozenset(dnat), self._snat, self._masquerade, frozenset(fence))
+        self._last = (dict(active), rs)
         return rs
+
+    def _changed(
+        self, before: dict[str, str | None], last: Ruleset, active: Mapping[str, str | None]
+    ) -> Ruleset:
+        """``last`` (built for ``before``) with the entries of the services whose
+        choice differs in ``active`` replaced."""
+        gone_dnat: list[Dnat] = []
+        new_dnat: list[Dnat] = []
+        gone_fence: list[Fence] = []
+        new_fence: list[Fence] = []
+        for name, chosen in active.items():
+            was = before[name]
+            if was == chosen:
+                continue
+            if chosen is not None:
+                new_dnat.append(self._dnat_of(name, chosen))
+                new_fence += self._fence[(name, chosen)]
+            if was is not None:
+                gone_dnat.append(self._dnat[(name, was)])
+                gone_fence += self._fence[(name, was)]
+        if not (new_dnat or gone_dnat):
+            return last
+        return _unchecked(
+            last.dnat.difference(gone_dnat).union(new_dnat),
+            self._snat,
+            self._masquerade,
+            last.fence.difference(gone_fence).union(new_fence),
+        )
 
 
 def active_from(installed: Ruleset, services: Iterable[Service]) -> dict[str, str]:
@@ -362,10 +489,18 @@ _T: Final = {"family": NFT_FAMILY, "table": NFT_TABLE}
 _AF: Final = {4: ("ip", "ipv4_addr"), 6: ("ip6", "ipv6_addr")}
 _PRE: Final = "prerouting"
 _POST: Final = "postrouting"
+_FENCE: Final = "fence"
 # comment of each rule of the skeleton, in order per chain: a read-back checks them
 NFT_RULES: Final = {
     _PRE: ("natfail dnat4_if", "natfail dnat4", "natfail dnat6_if", "natfail dnat6"),
     _POST: ("natfail snat4", "natfail snat6", "natfail masquerade"),
+    _FENCE: ("natfail fence4", "natfail fence6"),
+}
+# name -> (type, hook, priority) of each base chain (a read-back checks type and hook)
+NFT_CHAINS: Final = {
+    _PRE: ("nat", "prerouting", -100),
+    _POST: ("nat", "postrouting", 100),
+    _FENCE: ("filter", "forward", -10),
 }
 
 
@@ -387,7 +522,10 @@ def _maps() -> dict[str, tuple[list[str], str]]:
 
 
 NFT_MAPS: Final = _maps()
-NFT_SETS: Final = {"masq": "mark"}
+NFT_SETS: Final[dict[str, str | list[str]]] = {
+    "masq": "mark",
+    **{f"fence{fam}": [addr, "inet_service"] for fam, (_, addr) in _AF.items()},
+}
 
 
 def _payload(proto: str, fieldname: str) -> Json:
@@ -408,14 +546,14 @@ def _skeleton() -> list[Json]:
         cmds.append({"add": {"map": {**_T, "name": name, "type": ktype, "map": dtype}}})
     for name, stype in NFT_SETS.items():
         cmds.append({"add": {"set": {**_T, "name": name, "type": stype}}})
-    for chain, hook, prio in ((_PRE, "prerouting", -100), (_POST, "postrouting", 100)):
+    for chain, (ctype, hook, prio) in NFT_CHAINS.items():
         cmds.append(
             {
                 "add": {
                     "chain": {
                         **_T,
                         "name": chain,
-                        "type": "nat",
+                        "type": ctype,
                         "hook": hook,
                         "prio": prio,
                         "policy": "accept",
@@ -483,6 +621,35 @@ def _skeleton() -> list[Json]:
             ],
         )
     )
+    for fam, (proto, _) in _AF.items():
+        # ``udp sport`` brings ``meta l4proto udp`` with it; the counter tells an
+        # operator how often a standby tried to reach a client.
+        cmds.append(
+            _rule(
+                _FENCE,
+                f"natfail fence{fam}",
+                [
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {"ct": {"key": "direction"}},
+                            "right": "original",
+                        }
+                    },
+                    {
+                        "match": {
+                            "op": "==",
+                            "left": {
+                                "concat": [_payload(proto, "saddr"), _payload("udp", "sport")]
+                            },
+                            "right": f"@fence{fam}",
+                        }
+                    },
+                    {"counter": None},
+                    {"drop": None},
+                ],
+            )
+        )
     return cmds
 
 
@@ -496,12 +663,12 @@ def _minus(x: frozenset[Any], y: frozenset[Any]) -> frozenset[Any]:
 
 def _difference(a: Ruleset, b: Ruleset) -> Ruleset:
     """What ``a`` has and ``b`` has not (unchecked: part of a valid ruleset)."""
-
-    rs = object.__new__(Ruleset)
-    object.__setattr__(rs, "dnat", _minus(a.dnat, b.dnat))
-    object.__setattr__(rs, "snat", _minus(a.snat, b.snat))
-    object.__setattr__(rs, "masquerade", _minus(a.masquerade, b.masquerade))
-    return rs
+    return _unchecked(
+        _minus(a.dnat, b.dnat),
+        _minus(a.snat, b.snat),
+        _minus(a.masquerade, b.masquerade),
+        _minus(a.fence, b.fence),
+    )
 
 
 def _elements(rs: Ruleset) -> dict[tuple[str, tuple[Any, ...]], tuple[Any, str]]:
@@ -527,6 +694,8 @@ def _elements(rs: Ruleset) -> dict[tuple[str, tuple[Any, ...]], tuple[Any, str]]
         out[(f"smark{s.family}", key)] = (s.mark, comment)
     for m in rs.masquerade:
         out[("masq", (m.mark,))] = (None, f"{m.service}/{m.backend_name}")
+    for f in rs.fence:
+        out[(f"fence{f.family}", tuple(_ep(f.backend)))] = (None, f"{f.service}/{f.backend_name}")
     return out
 
 
@@ -615,11 +784,15 @@ def nft_parse(listing: list[Json]) -> tuple[Ruleset, bool]:
         elif "rule" in obj:
             r = obj["rule"]
             rules.setdefault(r["chain"], []).append(r.get("comment", ""))
+    # A table of a natfail without the fence lacks its chain and sets: not
+    # intact, so the next apply rebuilds it whole (one transaction).
     intact = (
         set(NFT_MAPS) | set(NFT_SETS) <= set(maps)
         and all(tuple(rules.get(c, ())) == want for c, want in NFT_RULES.items())
-        and chains.get(_PRE, {}).get("hook") == "prerouting"
-        and chains.get(_POST, {}).get("hook") == "postrouting"
+        and all(
+            (chains.get(c, {}).get("type"), chains.get(c, {}).get("hook")) == (ctype, hook)
+            for c, (ctype, hook, _) in NFT_CHAINS.items()
+        )
     )
     # (map, key) -> (data, comment)
     elems: dict[tuple[str, tuple[Any, ...]], tuple[Any, str]] = {}
@@ -637,6 +810,7 @@ def nft_parse(listing: list[Json]) -> tuple[Ruleset, bool]:
     dnat: set[Dnat] = set()
     snat: set[Snat] = set()
     masq: set[Masquerade] = set()
+    fence: set[Fence] = set()
 
     def names(comment: str) -> tuple[str, str] | None:
         svc, sep, backend = comment.partition("/")
@@ -663,16 +837,19 @@ def nft_parse(listing: list[Json]) -> tuple[Ruleset, bool]:
                     port = elems.get((f"snatport{fam}", key), (None, ""))[0]
                     if isinstance(mark, int) and isinstance(port, int):
                         snat.add(Snat(_endpoint(*key), _endpoint(data, port), mark, *who))
+                if name == f"fence{fam}" and len(key) == 2 and isinstance(key[1], int):
+                    fence.add(Fence(_endpoint(*key), *who))
             if name == "masq" and isinstance(key[0], int):
                 masq.add(Masquerade(key[0], *who))
-        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq)), intact
+        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq), frozenset(fence)), intact
     except (RulesetError, ValueError, TypeError):
         return Ruleset(), False
 
 
 # --- iptables -------------------------------------------------------------------------
 
-IptKind = Literal["dnat", "snat", "masquerade"]
+IptKind = Literal["dnat", "snat", "masquerade", "fence"]
+IptTable = Literal["nat", "filter"]
 
 
 @dataclass(frozen=True)
@@ -680,7 +857,8 @@ class IptRule:
     """One iptables rule of natfail, in the form python-iptables builds it from.
 
     ``matches`` are (match name, {option: value}); ``target`` is (name, {option: value}).
-    ``chain`` is IPT_PRE_CHAIN or IPT_POST_CHAIN."""
+    ``chain`` is IPT_PRE_CHAIN or IPT_POST_CHAIN (nat table) or IPT_FENCE_CHAIN (filter
+    table)."""
 
     family: int
     chain: str
@@ -706,9 +884,32 @@ def _ipt_ep(e: Endpoint) -> str:
     return str(e)
 
 
+def iptables_fence_rules(fences: Iterable[Fence], family: int) -> list[IptRule]:
+    """The rules of NATFAIL-FENCE for the fences of one family, in order."""
+    out: list[IptRule] = []
+    for f in sorted((x for x in fences if x.family == family), key=Fence.sort_key):
+        out.append(
+            IptRule(
+                family,
+                IPT_FENCE_CHAIN,
+                _host(f.backend.ip),
+                None,
+                None,
+                (
+                    ("udp", (("sport", str(f.backend.port)),)),
+                    ("conntrack", (("ctdir", "ORIGINAL"),)),
+                    ("comment", (("comment", f"natfail fence {f.service}/{f.backend_name}"),)),
+                ),
+                ("DROP", ()),
+            )
+        )
+    return out
+
+
 def iptables_rules(rs: Ruleset, family: int) -> dict[str, list[IptRule]]:
-    """The rules of NATFAIL-PRE and NATFAIL-POST for one family (4: iptables, 6:
-    ip6tables), in order. Sorted by the entries, so equal Rulesets give equal lists."""
+    """The rules of NATFAIL-PRE and NATFAIL-POST (nat table) and NATFAIL-FENCE (filter
+    table) for one family (4: iptables, 6: ip6tables), in order. Sorted by the entries,
+    so equal Rulesets give equal lists."""
     pre: list[IptRule] = []
     post: list[IptRule] = []
     for d in sorted((x for x in rs.dnat if x.family == family), key=Dnat.sort_key):
@@ -755,4 +956,45 @@ def iptables_rules(rs: Ruleset, family: int) -> dict[str, list[IptRule]]:
                 ("MASQUERADE", ()),
             )
         )
-    return {IPT_PRE_CHAIN: pre, IPT_POST_CHAIN: post}
+    return {
+        IPT_PRE_CHAIN: pre,
+        IPT_POST_CHAIN: post,
+        IPT_FENCE_CHAIN: iptables_fence_rules(rs.fence, family),
+    }
+
+
+@dataclass(frozen=True)
+class IptCommit:
+    """One libiptc commit of an iptables apply: the ``nat`` table with the desired NAT
+    rules, or the ``filter`` table with NATFAIL-FENCE holding exactly ``fence``."""
+
+    table: IptTable
+    fence: frozenset[Fence] = frozenset()
+
+
+def iptables_commits(
+    installed: Ruleset, nat_intact: bool, filter_intact: bool, desired: Ruleset
+) -> list[IptCommit]:
+    """The commits, in order, that take one family's tables from ``installed`` (as read
+    back, with whether each table's chains and jumps were intact) to ``desired``; []
+    when nothing changes.
+
+    The fence and the NAT are two tables, so two commits, and the order is what keeps
+    every standby fenced at every moment: a NAT change goes in between a filter commit
+    that fences every backend either state fences and one that lifts the fences only
+    ``desired`` drops. The backend losing the traffic is fenced before its DNAT goes,
+    the one getting it unfenced only after its DNAT is in; for that moment both are
+    fenced, which costs the old one the packets it starts itself (its replies to the
+    clients' flows pass), never a client's flow. A commit that changes nothing is
+    left out."""
+    steps: list[IptCommit] = []
+    current = installed.fence if filter_intact else None  # None: the chain needs a rewrite
+    if not (nat_intact and installed.nat() == desired.nat()):
+        union = installed.fence | desired.fence
+        if current != union:
+            steps.append(IptCommit("filter", union))
+            current = union
+        steps.append(IptCommit("nat"))
+    if current != desired.fence:
+        steps.append(IptCommit("filter", desired.fence))
+    return steps

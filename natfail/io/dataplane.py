@@ -39,9 +39,11 @@ class Dataplane(Protocol):
     name: str
 
     def apply(self, desired: Ruleset) -> None:
-        """Makes the installed state equal ``desired`` in ONE transaction: there is never
-        a moment with no rule or two rules for a service. Repairs drift (a damaged or
-        missing table/chain) in the same single transaction."""
+        """Makes the installed state equal ``desired`` in ONE NAT transaction: there is
+        never a moment with no rule or two rules for a service. With nftables the fence
+        changes in that same transaction; with iptables the fence's filter-table commits
+        are ordered around the nat commit so that no standby is ever unfenced. Repairs
+        drift (a damaged or missing table/chain) the same way."""
         ...
 
     def read(self) -> Ruleset:

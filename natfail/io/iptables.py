@@ -3,15 +3,36 @@
 natfail owns the chains ``NATFAIL-PRE`` and ``NATFAIL-POST`` of the nat table (IPv4
 through ``iptc.Table``, IPv6 through ``iptc.Table6``), entered by one ``-j`` rule each
 from PREROUTING and POSTROUTING (inserted first, so a user's own NAT rules further down
-do not take the traffic first). Nothing else is changed: libiptc reads the whole table,
-natfail edits only its chains and its two jumps, and writes the table back in ONE commit
+do not take the traffic first), and the chain ``NATFAIL-FENCE`` of the filter table,
+entered by one ``-j`` rule from FORWARD (first too: an ACCEPT of the user's before it
+would end the table's traversal). Nothing else is changed: libiptc reads the whole table,
+natfail edits only its chains and its jumps, and writes the table back in ONE commit
 (libiptc replaces the table in one ``setsockopt``: atomic, never a moment with no rule).
-A change that touches only IPv4 commits only the IPv4 table.
+A change that touches only IPv4 commits only the IPv4 tables.
+
+The fence (a standby's own packets to a client are dropped, see
+:mod:`natfail.core.ruleset`) lives in the filter table and the NAT in the nat table: two
+commits, which nftables does in one. :func:`natfail.core.ruleset.iptables_commits`
+orders them so that no moment lets a standby's packet out:
+
+1. the filter table with the union of the installed and the desired fences (the backend
+   about to lose the traffic is fenced while it still has its DNAT);
+2. the nat table (the DNAT moves);
+3. the filter table with the desired fences (the backend that now has the DNAT is
+   unfenced).
+
+Between 1 and 3 both backends are fenced: the old one's own new packets are dropped a
+moment early (its replies in the clients' flows pass), and the new one starts its own
+only after the apply returns, which is when the daemon activates it. A commit with
+nothing to change is skipped. When a later commit fails, the earlier ones are undone
+in the same order (best effort) before the error is raised, so a failed apply leaves the
+previous state. :meth:`_IptFamily.remove_all` removes the NAT before the fence.
 
 The rules themselves are computed by :func:`natfail.core.ruleset.iptables_rules`; when a
 chain's rules differ from the desired ones, the chain is flushed and refilled inside the
-same commit. Inspect with ``iptables-legacy -t nat -S`` / ``ip6tables-legacy -t nat -S``.
-Uses the network namespace of the calling process.
+same commit. Inspect with ``iptables-legacy -t nat -S`` / ``ip6tables-legacy -t nat -S``
+and ``iptables-legacy -S NATFAIL-FENCE -v``. Uses the network namespace of the calling
+process.
 """
 
 from __future__ import annotations
@@ -31,14 +52,19 @@ from typing import Any, Final, Protocol
 
 from natfail.config import Endpoint
 from natfail.core.ruleset import (
+    IPT_FENCE_CHAIN,
     IPT_POST_CHAIN,
     IPT_PRE_CHAIN,
     Dnat,
+    Fence,
+    IptCommit,
     IptRule,
     Masquerade,
     Ruleset,
     RulesetError,
     Snat,
+    iptables_commits,
+    iptables_fence_rules,
     iptables_rules,
 )
 from natfail.io.dataplane import DataplaneError
@@ -55,6 +81,7 @@ log = logging.getLogger(__name__)
 # (killed, crashed) is replaced on the next call; a helper ends with the daemon.
 
 _JUMPS: Final = {IPT_PRE_CHAIN: "PREROUTING", IPT_POST_CHAIN: "POSTROUTING"}
+_FENCE_JUMPS: Final = {IPT_FENCE_CHAIN: "FORWARD"}
 
 
 def _params(obj: Any) -> dict[str, str]:
@@ -65,8 +92,35 @@ def _parse_endpoint(text: str) -> Endpoint:
     return Endpoint.parse(text)
 
 
+def _fence_of(rule: Any) -> Fence | None:
+    """The Fence a rule of NATFAIL-FENCE is, None when it is not exactly one of ours."""
+    matches = {m.name: _params(m) for m in rule.matches}
+    parts = matches.get("comment", {}).get("comment", "").split(" ")
+    sport = matches.get("udp", {}).get("sport", "")
+    if len(parts) != 3 or parts[:2] != ["natfail", "fence"]:
+        return None
+    svc, _, backend = parts[2].partition("/")
+    if not (svc and backend and sport.isdigit()):
+        return None
+    if rule.target.name != "DROP" or rule.protocol != "udp":
+        return None
+    if matches.get("conntrack") != {"ctdir": "ORIGINAL"} or set(matches) != {
+        "udp",
+        "conntrack",
+        "comment",
+    }:
+        return None
+    try:
+        src = ipaddress.ip_interface(rule.src)
+        if src.network.prefixlen != src.max_prefixlen:
+            return None
+        return Fence(Endpoint(src.ip, int(sport)), svc, backend)
+    except ValueError:
+        return None
+
+
 class _IptFamily:
-    """The work on one family's nat table. Lives in its own process (see the facade)."""
+    """The work on one family's tables. Lives in its own process (see the facade)."""
 
     def __init__(self, family: int) -> None:
         import iptc
@@ -76,12 +130,19 @@ class _IptFamily:
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _table(self, family: int) -> Any:
+    def _table(self, family: int, name: str = "nat") -> Any:
         iptc = self._iptc
-        table = (iptc.Table if family == 4 else iptc.Table6)(iptc.Table.NAT)
+        table = (iptc.Table if family == 4 else iptc.Table6)(name)
         table.autocommit = False
         table.refresh()
         return table
+
+    def _jumped_first(self, table: Any, jumps: dict[str, str]) -> bool:
+        rules = (self._iptc.Chain(table, builtin).rules[:1] for builtin in jumps.values())
+        return all(
+            any(r.target.name == ours for r in first)
+            for ours, first in zip(jumps, rules, strict=True)
+        )
 
     def _rule(self, r: IptRule) -> Any:
         iptc = self._iptc
@@ -108,15 +169,35 @@ class _IptFamily:
 
     def _read_family(self, family: int) -> tuple[Ruleset, bool]:
         """(what natfail's chains hold, whether chains and jumps are in place)."""
+        nat, nat_ok = self._read_nat(family)
+        fence, fence_ok = self._read_fence(family)
+        return Ruleset(nat.dnat, nat.snat, nat.masquerade, fence), nat_ok and fence_ok
+
+    def _read_fence(self, family: int) -> tuple[frozenset[Fence], bool]:
+        """(the fences NATFAIL-FENCE holds, whether it and its jump are in place). A
+        rule that is not exactly one of ours makes it not intact (a rewrite follows)."""
+        iptc = self._iptc
+        table = self._table(family, "filter")
+        if not table.is_chain(IPT_FENCE_CHAIN):
+            return frozenset(), False
+        intact = self._jumped_first(table, _FENCE_JUMPS)
+        found: dict[Endpoint, Fence] = {}
+        for r in iptc.Chain(table, IPT_FENCE_CHAIN).rules:
+            fence = _fence_of(r)
+            if fence is None or fence.backend in found:
+                intact = False
+                continue
+            found[fence.backend] = fence
+        return frozenset(found.values()), intact
+
+    def _read_nat(self, family: int) -> tuple[Ruleset, bool]:
+        """(what natfail's nat chains hold, whether they and their jumps are in place)."""
         iptc = self._iptc
         table = self._table(family)
         intact = all(table.is_chain(c) for c in _JUMPS)
         if not intact:
             return Ruleset(), False
-        for ours, builtin in _JUMPS.items():
-            rules = iptc.Chain(table, builtin).rules
-            if not any(r.target.name == ours for r in rules[:1]):
-                intact = False
+        intact = self._jumped_first(table, _JUMPS)
         pre: dict[str, dict[str, Any]] = {}
         post: dict[str, dict[str, Any]] = {}
         masq: set[Masquerade] = set()
@@ -184,20 +265,13 @@ class _IptFamily:
         return self.inspect()[1]
 
     def inspect(self) -> tuple[Ruleset, bool]:
-        dnat: set[Dnat] = set()
-        snat: set[Snat] = set()
-        masq: set[Masquerade] = set()
-        intact = True
+        parts: list[tuple[Ruleset, bool]] = []
         try:
             for fam in self.families:
-                rs, ok = self._read_family(fam)
-                dnat |= rs.dnat
-                snat |= rs.snat
-                masq |= rs.masquerade
-                intact = intact and ok
+                parts.append(self._read_family(fam))
         except self._iptc.IPTCError as e:
             raise DataplaneError(f"iptables: {error_line(e)}") from None
-        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq)), intact
+        return _union(parts)
 
     # -- changing -----------------------------------------------------------------------
 
@@ -208,61 +282,117 @@ class _IptFamily:
             frozenset(s for s in rs.snat if s.family == family),
             # masquerade matches the mark whatever the family: install it in both
             rs.masquerade,
+            frozenset(f for f in rs.fence if f.family == family),
         )
+
+    def _write(
+        self, family: int, table: Any, jumps: dict[str, str], rules: dict[str, list[IptRule]]
+    ) -> None:
+        """Refills our chains of ``table`` with ``rules``, puts each jump first, commits."""
+        iptc = self._iptc
+        for ours, builtin in jumps.items():
+            if not table.is_chain(ours):
+                table.create_chain(ours)
+            chain = iptc.Chain(table, ours)
+            chain.flush()
+            for r in rules[ours]:
+                chain.append_rule(self._rule(r))
+            bchain = iptc.Chain(table, builtin)
+            found = [i for i, r in enumerate(bchain.rules) if r.target.name == ours]
+            if found != [0]:
+                for i in reversed(found):
+                    bchain.delete_rule(bchain.rules[i])
+                jump = iptc.Rule() if family == 4 else iptc.Rule6()
+                jump.create_target(ours)
+                bchain.insert_rule(jump, 0)
+        table.commit()
+        table.refresh()
+
+    def _commit(self, family: int, step: IptCommit, want: Ruleset) -> None:
+        """One commit of an apply (see :func:`natfail.core.ruleset.iptables_commits`)."""
+        if step.table == "nat":
+            self._write(family, self._table(family), _JUMPS, iptables_rules(want, family))
+        else:
+            rules = {IPT_FENCE_CHAIN: iptables_fence_rules(step.fence, family)}
+            self._write(family, self._table(family, "filter"), _FENCE_JUMPS, rules)
+
+    def _steps(self, family: int, want: Ruleset) -> tuple[Ruleset, list[IptCommit]]:
+        """(what is installed, the commits that make it ``want``)."""
+        nat, nat_ok = self._read_nat(family)
+        fence, fence_ok = self._read_fence(family)
+        installed = Ruleset(nat.dnat, nat.snat, nat.masquerade, fence)
+        return installed, iptables_commits(installed, nat_ok, fence_ok, want)
 
     def apply(self, desired: Ruleset) -> None:
         iptc = self._iptc
+        errors = (iptc.IPTCError, iptc.xtables.XTablesError, ValueError)
         for fam in self.families:
             want = self._of_family(desired, fam)
             try:
-                installed, intact = self._read_family(fam)
-                if intact and installed == want:
-                    continue
-                table = self._table(fam)
-                rules = iptables_rules(want, fam)
-                for ours, builtin in _JUMPS.items():
-                    if not table.is_chain(ours):
-                        table.create_chain(ours)
-                    chain = iptc.Chain(table, ours)
-                    chain.flush()
-                    for r in rules[ours]:
-                        chain.append_rule(self._rule(r))
-                    bchain = iptc.Chain(table, builtin)
-                    jumps = [i for i, r in enumerate(bchain.rules) if r.target.name == ours]
-                    if jumps != [0]:
-                        for i in reversed(jumps):
-                            bchain.delete_rule(bchain.rules[i])
-                        jump = iptc.Rule() if fam == 4 else iptc.Rule6()
-                        jump.create_target(ours)
-                        bchain.insert_rule(jump, 0)
-                table.commit()
-                table.refresh()
-            except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as e:
-                raise DataplaneError(
-                    f"iptables (IPv{fam}) commit failed: {error_line(e)}"
-                ) from None
+                before, steps = self._steps(fam, want)
+            except errors as e:
+                raise DataplaneError(f"iptables (IPv{fam}) read failed: {error_line(e)}") from None
+            for done, step in enumerate(steps):
+                try:
+                    self._commit(fam, step, want)
+                except errors as e:
+                    why = f"iptables (IPv{fam}) {step.table} commit failed: {error_line(e)}"
+                    if done:
+                        why += self._undo(fam, before)
+                    raise DataplaneError(why) from None
+
+    def _undo(self, family: int, before: Ruleset) -> str:
+        """Puts ``before`` back after a partial apply, in the same safe order; what to
+        add to the error message."""
+        iptc = self._iptc
+        try:
+            for step in self._steps(family, before)[1]:
+                self._commit(family, step, before)
+        except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError) as e:
+            return f"; putting the previous rules back failed too: {error_line(e)}"
+        return " (the previous rules are back)"
 
     def remove_all(self) -> None:
         iptc = self._iptc
+        # the NAT first: a moment with the fence and no SNAT lets nothing out
         for fam in self.families:
-            try:
-                table = self._table(fam)
-                if not any(table.is_chain(c) for c in _JUMPS):
-                    continue
-                for ours, builtin in _JUMPS.items():
-                    bchain = iptc.Chain(table, builtin)
-                    for r in reversed(bchain.rules):
-                        if r.target.name == ours:
-                            bchain.delete_rule(r)
-                    if table.is_chain(ours):
-                        iptc.Chain(table, ours).flush()
-                for ours in _JUMPS:
-                    if table.is_chain(ours):
-                        table.delete_chain(ours)
-                table.commit()
-                table.refresh()
-            except (iptc.IPTCError, ValueError) as e:
-                raise DataplaneError(f"iptables (IPv{fam}) remove: {error_line(e)}") from None
+            for name, jumps in (("nat", _JUMPS), ("filter", _FENCE_JUMPS)):
+                try:
+                    table = self._table(fam, name)
+                    if not any(table.is_chain(c) for c in jumps):
+                        continue
+                    for ours, builtin in jumps.items():
+                        bchain = iptc.Chain(table, builtin)
+                        for r in reversed(bchain.rules):
+                            if r.target.name == ours:
+                                bchain.delete_rule(r)
+                        if table.is_chain(ours):
+                            iptc.Chain(table, ours).flush()
+                    for ours in jumps:
+                        if table.is_chain(ours):
+                            table.delete_chain(ours)
+                    table.commit()
+                    table.refresh()
+                except (iptc.IPTCError, ValueError) as e:
+                    raise DataplaneError(
+                        f"iptables (IPv{fam}) remove ({name}): {error_line(e)}"
+                    ) from None
+
+
+def _union(parts: list[tuple[Ruleset, bool]]) -> tuple[Ruleset, bool]:
+    """One Ruleset (and intactness) from the readings of each family."""
+    dnat: set[Dnat] = set()
+    snat: set[Snat] = set()
+    masq: set[Masquerade] = set()
+    fence: set[Fence] = set()
+    intact = True
+    for rs, ok in parts:
+        dnat |= rs.dnat
+        snat |= rs.snat
+        masq |= rs.masquerade
+        fence |= rs.fence
+        intact = intact and ok
+    return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq), frozenset(fence)), intact
 
 
 # -- the helper process ------------------------------------------------------------------
@@ -561,17 +691,7 @@ class IptablesDataplane:
         return self.inspect()[1]
 
     def inspect(self) -> tuple[Ruleset, bool]:
-        dnat: set[Dnat] = set()
-        snat: set[Snat] = set()
-        masq: set[Masquerade] = set()
-        intact = True
-        for p in self._procs.values():
-            rs, ok = p.call("inspect")
-            dnat |= rs.dnat
-            snat |= rs.snat
-            masq |= rs.masquerade
-            intact = intact and ok
-        return Ruleset(frozenset(dnat), frozenset(snat), frozenset(masq)), intact
+        return _union([p.call("inspect") for p in self._procs.values()])
 
     def apply(self, desired: Ruleset) -> None:
         for p in self._procs.values():

@@ -5,8 +5,11 @@ changes or deletes anything else: every command names that table. Each change is
 ``nft_run_cmd_from_buffer`` call with one JSON document, which libnftables sends to the
 kernel as one batch: one transaction, all or nothing.
 
-A swap is "delete the element, add the element" in the ``dnatN``/``markN`` maps; the two
-base chains and their rules never change, so there is never a moment with no rule.
+A swap is "delete the element, add the element" in the ``dnatN``/``markN`` maps and in
+the ``fenceN`` sets, in one transaction: the backend losing the traffic is fenced in the
+same instant its DNAT goes. The three base chains and their rules never change, so
+there is never a moment with no rule. A table left by a natfail without the fence reads
+as not intact and is rebuilt whole by the next apply (one transaction too).
 
 The object remembers what it last installed or read, and computes the next change
 against that (no listing on the hot path). If the kernel disagrees (somebody changed or
