@@ -80,7 +80,7 @@ _SERVICE_KEYS: Final = (
     "probe",
     "backend",
 )
-_BACKEND_KEYS: Final = ("name", "address", "priority")
+_BACKEND_KEYS: Final = ("name", "address", "priority", "agent")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -186,7 +186,10 @@ def _backend(table: Table, public: Endpoint) -> Backend:
             f"IPv{public.family}; DNAT cannot change the address family",
         )
     priority = table.integer("priority", None, PRIORITY_MIN, PRIORITY_MAX)
-    return Backend(name, address, priority)
+    agent: Endpoint | None = None
+    if table.text("agent", ""):
+        agent = _endpoint(table, "agent")
+    return Backend(name, address, priority, agent)
 
 
 def _backends(service: Table, public: Endpoint) -> tuple[Backend, ...]:

@@ -158,6 +158,7 @@ class Backend:
     name: str
     address: Endpoint
     priority: int  # higher wins
+    agent: Endpoint | None = None  # the backend host's natfail agent, if it runs one
 
 
 @dataclass(frozen=True, slots=True)

@@ -1466,3 +1466,19 @@ def test_the_model_reads_no_files() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == ""
+
+
+def test_backend_agent_is_optional() -> None:
+    doc = mutate("priority = 50", 'priority = 50\nagent = "10.0.0.3:51821"')
+    wg0 = parse(doc, Path("x.toml")).services[0]
+    a, b = wg0.backends
+    assert a.agent is None
+    assert b.agent is not None and str(b.agent) == "10.0.0.3:51821"
+
+
+def test_backend_agent_must_be_an_endpoint() -> None:
+    doc = mutate("priority = 50", 'priority = 50\nagent = "10.0.0.3"')
+    with pytest.raises(ConfigError) as err:
+        parse(doc, Path("x.toml"))
+    assert "service[0].backend[1].agent" in str(err.value)
+    assert "port" in str(err.value)

@@ -1,0 +1,660 @@
+"""The backend side of the agent: read a WireGuard interface, and make it start a
+handshake towards chosen clients now.
+
+Two ways in, one model out: :class:`Uapi` speaks the text protocol of a UAPI
+socket (``/var/run/wireguard/NAME.sock``; ``get=1`` / ``set=1`` of wireguard-go's
+``device/uapi.go``, keys in hex) and :class:`WgTool` runs ``wg show NAME dump`` and
+``wg set`` (keys in base64) for the kernel module; ``wg`` talks UAPI to
+wireguard-go too. Parsing is strict: a peer with a field it cannot read in full
+is left out (it must never be removed and re-added with settings missing), a
+broken interface line raises :class:`WireGuardError`.
+
+Activation, from the sources of wireguard-go (``device/uapi.go``, ``send.go``,
+``peer.go``) and of the kernel (``drivers/net/wireguard/netlink.c``, ``send.c``,
+``peer.c``):
+
+* setting an endpoint starts nothing;
+* persistent-keepalive going from 0 to N sends a keepalive at once (wireguard-go:
+  ``pkaOn`` then ``SendKeepalive`` in ``handlePostConfig``; kernel:
+  ``send_keepalive`` in ``set_peer``). The keepalive is staged, and staged packets
+  become a handshake initiation only when the peer holds no valid keypair;
+* a backend that was active less than 180 s ago (REJECT_AFTER_TIME) still holds
+  one and would send the keepalive on the stale keys, which the client, now in
+  a session with another backend, drops; and a peer sends at most one
+  initiation per 5 s (REKEY_TIMEOUT, ``lastSentHandshake``);
+* so each target peer is removed and added again within one transaction, with
+  all of its own settings (preshared key, allowed IPs, keepalive) and the
+  endpoint the gateway gave. A new peer holds no keypair, its
+  ``lastSentHandshake`` lies 6 s in the past (``NewPeer``/``Start``; kernel
+  ``wg_peer_create``), and its keepalive starts at 0: the re-add with a
+  non-zero keepalive starts an initiation at once. Within one ``set=1`` the
+  removal takes the key out of the peer map before the next ``public_key=``
+  line looks it up, so the same key is created afresh; the kernel's
+  ``set_peer`` does the same per peer attribute, in order.
+* a peer whose own keepalive is 0 is re-added with :data:`KICK_KEEPALIVE` and
+  set back to 0 by a second section for the same key later in the SAME
+  transaction: the first section's keepalive has been sent by then
+  (wireguard-go sends it synchronously when the next ``public_key=`` line
+  arrives; the kernel queues the initiation work, which a keepalive of 0 does
+  not cancel). Turning it off in the re-adding section itself would not work:
+  only the last value of a section counts.
+
+One transaction per batch of at most :data:`BATCH_SIZE` peers, with a short pause
+between batches, because the replies come back together: the kernel demands
+cookies above 512 queued handshakes, wireguard-go above 128.
+
+Never reported, logged or put in an exception: private and preshared keys
+(``Interface.private_key`` and ``Peer.preshared_key`` are ``repr=False``)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import ipaddress
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Final, Protocol
+
+from nacl.bindings import crypto_scalarmult_base
+
+from natfail.agent.config import interface_name_problem
+from natfail.core.model import Endpoint
+from natfail.oneline import one_line
+
+UAPI_DIR: Final = "/var/run/wireguard"
+KEY_LEN: Final = 32
+NO_KEY: Final = bytes(KEY_LEN)  # WireGuard's "no preshared key"
+RECENT_WINDOW: Final = 180.0  # REJECT_AFTER_TIME: an older keypair is dead anyway
+BATCH_SIZE: Final = 256
+BATCH_PAUSE: Final = 0.002  # seconds between two batches of an activation
+KICK_KEEPALIVE: Final = 25  # the non-zero keepalive a re-added peer briefly gets
+IO_TIMEOUT: Final = 5.0  # seconds for one UAPI transaction or one `wg` run
+UAPI_LIMIT: Final = 256 * 1024 * 1024  # a get of 2**20 peers with a few prefixes each
+_ALLOWED_IPS_PER_ARG: Final = 512  # keeps one argv string far below MAX_ARG_STRLEN
+
+_HEX_KEY_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
+_B64_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/]{43}=")
+_UINT_RE: Final = re.compile(r"[0-9]{1,20}")
+_ERRNO_RE: Final = re.compile(rb"errno=(-?[0-9]{1,10})")
+# Statistics and fields the model has no use for; any other peer key is a
+# setting this module does not know, and a peer with one is never re-added.
+_IGNORED_PEER_KEYS: Final = frozenset({"protocol_version", "tx_bytes", "rx_bytes"})
+
+
+class WireGuardError(Exception):
+    """An interface that cannot be read or steered: missing, its socket refused,
+    an errno from UAPI, a failed ``wg``. The message names the interface and
+    never holds key material."""
+
+    def __init__(self, interface: str, message: str) -> None:
+        super().__init__(interface, message)
+        self.interface = interface
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.interface}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    public_key: bytes
+    endpoint: Endpoint | None
+    last_handshake: float  # unix seconds, 0.0 if never
+    persistent_keepalive: int  # seconds, 0 = off
+    allowed_ips: tuple[str, ...]  # normalised prefixes, "10.0.0.2/32"
+    # Needed to re-add the peer; NEVER reported anywhere. NO_KEY when none.
+    preshared_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    name: str
+    # The agent's channel identity; never reported.
+    private_key: bytes = field(repr=False)
+    public_key: bytes
+    listen_port: int
+    peers: tuple[Peer, ...]
+
+    def peer(self, public_key: bytes) -> Peer | None:
+        return next((p for p in self.peers if p.public_key == public_key), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    known: int  # targets that are peers of this interface
+    initiated: int  # peers kicked into a handshake
+    elapsed: float  # seconds, from the call to the last transaction's answer
+
+
+Target = tuple[bytes, Endpoint]
+
+
+class WireGuard(Protocol):
+    def read(self) -> Interface: ...
+
+    def activate(self, targets: Sequence[Target]) -> Activation: ...
+
+
+def check_name(name: str) -> None:
+    """Refuses what the kernel would not take as an interface name (and what
+    would leave the socket directory in a UAPI path); our own misuse."""
+    if not isinstance(name, str):
+        raise TypeError(f"an interface name must be a string, not {type(name).__name__}")
+    problem = interface_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def recent(interface: Interface, now: float, window: float = RECENT_WINDOW) -> list[Peer]:
+    """The peers worth reporting: an endpoint and a handshake in the last
+    ``window`` seconds. A handshake "in the future" (the clock stepped back)
+    counts as recent."""
+    return [
+        p
+        for p in interface.peers
+        if p.endpoint is not None and p.last_handshake > 0 and now - p.last_handshake <= window
+    ]
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+
+def _hex_key(text: str) -> bytes | None:
+    return bytes.fromhex(text) if _HEX_KEY_RE.fullmatch(text) else None
+
+
+def _b64_key(text: str) -> bytes | None:
+    if not _B64_KEY_RE.fullmatch(text):
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == KEY_LEN else None
+
+
+def _uint(text: str, high: int) -> int | None:
+    if not _UINT_RE.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
+def _prefix(text: str) -> str | None:
+    """A prefix in canonical form (host bits cleared), or None. inet_pton and
+    inet_ntop, not ipaddress: a thousand peers are read within milliseconds."""
+    address, sep, length_text = text.partition("/")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    bits = 128 if family == socket.AF_INET6 else 32
+    length = _uint(length_text, bits) if sep else None
+    if length is None:
+        return None
+    try:
+        packed = socket.inet_pton(family, address)
+    except OSError:
+        return None
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - length)) - 1)
+    masked = (int.from_bytes(packed, "big") & mask).to_bytes(bits // 8, "big")
+    return f"{socket.inet_ntop(family, masked)}/{length}"
+
+
+_V4_NOT_UNICAST: Final = (bytes(4), b"\xff\xff\xff\xff")
+
+
+def _endpoint(text: str) -> Endpoint | None:
+    """An endpoint as WireGuard prints it, or None: an IPv6 scope id or anything
+    else Endpoint refuses is unknown, not an error (activation brings its own
+    endpoint). IPv4 takes a fast path with Endpoint.parse's rules."""
+    host, sep, port_text = text.rpartition(":")
+    if sep and "." in host and ":" not in host:
+        port = _uint(port_text, 65535)
+        try:
+            packed = socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            return None
+        if not port or packed in _V4_NOT_UNICAST or 224 <= packed[0] <= 239:
+            return None
+        return Endpoint(ipaddress.IPv4Address(packed), port)
+    try:
+        return Endpoint.parse(text)
+    except ValueError:
+        return None
+
+
+def _public_of(name: str, private_key: bytes) -> bytes:
+    if private_key == NO_KEY:
+        raise WireGuardError(name, "has no private key")
+    return bytes(crypto_scalarmult_base(private_key))
+
+
+class _Draft:
+    """A peer while its UAPI lines come in; ``broken`` once any setting a re-add
+    would need could not be read."""
+
+    __slots__ = ("allowed", "broken", "endpoint", "keepalive", "nsec", "psk", "public", "sec")
+
+    def __init__(self, public: bytes | None) -> None:
+        self.public = public
+        self.broken = public is None
+        self.psk = NO_KEY
+        self.endpoint: Endpoint | None = None
+        self.sec = 0
+        self.nsec = 0
+        self.keepalive = 0
+        self.allowed: list[str] = []
+
+    def line(self, key: str, value: str) -> None:
+        """One line of the peer; parse_uapi skips the _IGNORED_PEER_KEYS first."""
+        if key == "preshared_key":
+            psk = _hex_key(value)
+            self.broken |= psk is None
+            self.psk = psk or NO_KEY
+        elif key == "endpoint":
+            self.endpoint = _endpoint(value)
+        elif key == "last_handshake_time_sec":
+            self.sec = _uint(value, 2**63) or 0
+        elif key == "last_handshake_time_nsec":
+            nsec = _uint(value, 999_999_999)
+            self.nsec = nsec or 0
+        elif key == "persistent_keepalive_interval":
+            keepalive = _uint(value, 65535)
+            self.broken |= keepalive is None
+            self.keepalive = keepalive or 0
+        elif key == "allowed_ip":
+            prefix = _prefix(value)
+            self.broken |= prefix is None
+            if prefix is not None:
+                self.allowed.append(prefix)
+        else:
+            self.broken = True
+
+    def peer(self) -> Peer | None:
+        if self.broken or self.public is None:
+            return None
+        last = self.sec + self.nsec / 1e9 if self.sec else 0.0
+        return Peer(
+            public_key=self.public,
+            endpoint=self.endpoint,
+            last_handshake=last,
+            persistent_keepalive=self.keepalive,
+            allowed_ips=tuple(self.allowed),
+            preshared_key=self.psk,
+        )
+
+
+def parse_uapi(name: str, text: str) -> Interface:
+    """The body of a UAPI ``get=1`` answer (without its ``errno=`` line)."""
+    private = NO_KEY
+    port = 0
+    peers: list[Peer] = []
+    seen: set[bytes] = set()
+    draft: _Draft | None = None
+
+    def finish() -> None:
+        peer = draft.peer() if draft is not None else None
+        if peer is not None and peer.public_key not in seen:
+            seen.add(peer.public_key)
+            peers.append(peer)
+
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise WireGuardError(name, f"UAPI answer line {number} is not key=value")
+        if key == "public_key":
+            finish()
+            draft = _Draft(_hex_key(value))
+        elif draft is not None:
+            if key not in _IGNORED_PEER_KEYS:
+                draft.line(key, value)
+        elif key == "private_key":
+            key_bytes = _hex_key(value)
+            if key_bytes is None:
+                raise WireGuardError(name, f"UAPI answer line {number}: private_key is not hex")
+            private = key_bytes
+        elif key == "listen_port":
+            listen = _uint(value, 65535)
+            if listen is None:
+                raise WireGuardError(name, f"UAPI answer line {number}: bad listen_port")
+            port = listen
+        # fwmark and any device key of a fork (amneziawg's jc, ...) do not matter here
+    finish()
+    return Interface(name, private, _public_of(name, private), port, tuple(peers))
+
+
+def parse_dump(name: str, text: str) -> Interface:
+    """The output of ``wg show NAME dump``: one tab-separated line for the
+    interface (private key, public key, port, fwmark), one per peer (public key,
+    preshared key, endpoint, allowed IPs, latest handshake, rx, tx, keepalive)."""
+    lines = [line for line in text.split("\n") if line]
+    if not lines:
+        raise WireGuardError(name, "wg show dump printed nothing")
+    head = lines[0].split("\t")
+    if len(head) != 4:
+        raise WireGuardError(name, f"wg show dump: {len(head)} fields on the first line, not 4")
+    if head[0] == "(none)":
+        raise WireGuardError(name, "has no private key")
+    private = _b64_key(head[0])
+    if private is None:
+        raise WireGuardError(name, "wg show dump: the private key is not base64")
+    port = _uint(head[2], 65535)
+    if port is None:
+        raise WireGuardError(name, "wg show dump: bad listen port")
+    public = _b64_key(head[1]) or _public_of(name, private)
+    peers: list[Peer] = []
+    seen: set[bytes] = set()
+    for line in lines[1:]:
+        peer = _dump_peer(line.split("\t"))
+        if peer is not None and peer.public_key not in seen:
+            seen.add(peer.public_key)
+            peers.append(peer)
+    return Interface(name, private, public, port, tuple(peers))
+
+
+def _dump_peer(f: list[str]) -> Peer | None:
+    if len(f) != 8:
+        return None
+    public = _b64_key(f[0])
+    psk = NO_KEY if f[1] == "(none)" else _b64_key(f[1])
+    keepalive = 0 if f[7] == "off" else _uint(f[7], 65535)
+    allowed: list[str | None] = [] if f[3] == "(none)" else [_prefix(p) for p in f[3].split(",")]
+    if public is None or psk is None or keepalive is None or None in allowed:
+        return None
+    handshake = _uint(f[4], 2**63) or 0
+    return Peer(
+        public_key=public,
+        endpoint=None if f[2] == "(none)" else _endpoint(f[2]),
+        last_handshake=float(handshake),
+        persistent_keepalive=keepalive,
+        allowed_ips=tuple(p for p in allowed if p is not None),
+        preshared_key=psk,
+    )
+
+
+# --- activation plans --------------------------------------------------------------------
+
+Batch = list[tuple[Peer, Endpoint]]
+
+
+def plan_activation(
+    interface: Interface, targets: Sequence[Target], batch_size: int = BATCH_SIZE
+) -> tuple[int, list[Batch]]:
+    """Which peers to kick, in batches: the targets that are peers of the
+    interface, each once (its first endpoint), in the order given. Returns the
+    number known and the batches."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    by_key = {p.public_key: p for p in interface.peers}
+    chosen: dict[bytes, tuple[Peer, Endpoint]] = {}
+    for key, endpoint in targets:
+        if not isinstance(key, bytes) or len(key) != KEY_LEN:
+            raise ValueError("a target's public key must be 32 bytes")
+        if not isinstance(endpoint, Endpoint):
+            raise TypeError(f"a target's endpoint must be an Endpoint, not {endpoint!r}")
+        peer = by_key.get(key)
+        if peer is not None and key not in chosen:
+            chosen[key] = (peer, endpoint)
+    items = list(chosen.values())
+    return len(items), [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def uapi_activation(batch: Batch) -> bytes:
+    """One ``set=1`` transaction kicking every peer of the batch (see the module
+    docstring for why it has this shape)."""
+    lines = ["set=1"]
+    for peer, endpoint in batch:
+        key = peer.public_key.hex()
+        lines += [f"public_key={key}", "remove=true", f"public_key={key}"]
+        if peer.preshared_key != NO_KEY:
+            lines.append(f"preshared_key={peer.preshared_key.hex()}")
+        lines.append(f"endpoint={endpoint}")
+        lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive or KICK_KEEPALIVE}")
+        lines += [f"allowed_ip={prefix}" for prefix in peer.allowed_ips]
+    for peer, _ in batch:
+        if peer.persistent_keepalive == 0:
+            lines += [f"public_key={peer.public_key.hex()}", "persistent_keepalive_interval=0"]
+    return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def wg_activation_argv(
+    wg: str, name: str, batch: Batch, psk_file: Callable[[Peer], str]
+) -> list[str]:
+    """The ``wg set`` argv of the same transaction. ``wg`` reads a preshared key
+    only from a file: ``psk_file(peer)`` names one (a /dev/fd/N pipe)."""
+    argv = [wg, "set", name]
+    for peer, endpoint in batch:
+        key = base64.b64encode(peer.public_key).decode("ascii")
+        argv += ["peer", key, "remove", "peer", key]
+        if peer.preshared_key != NO_KEY:
+            argv += ["preshared-key", psk_file(peer)]
+        argv += ["endpoint", str(endpoint)]
+        argv += ["persistent-keepalive", str(peer.persistent_keepalive or KICK_KEEPALIVE)]
+        # Several allowed-ips arguments add up (wg's parse_allowedips appends).
+        for i in range(0, len(peer.allowed_ips), _ALLOWED_IPS_PER_ARG):
+            argv += ["allowed-ips", ",".join(peer.allowed_ips[i : i + _ALLOWED_IPS_PER_ARG])]
+    for peer, _ in batch:
+        if peer.persistent_keepalive == 0:
+            key = base64.b64encode(peer.public_key).decode("ascii")
+            argv += ["peer", key, "persistent-keepalive", "0"]
+    return argv
+
+
+def _run_batches(
+    batches: list[Batch], apply: Callable[[Batch], None], pause: float, started: float, known: int
+) -> Activation:
+    initiated = 0
+    for index, batch in enumerate(batches):
+        if index and pause > 0:
+            time.sleep(pause)
+        apply(batch)
+        initiated += len(batch)
+    return Activation(known, initiated, time.monotonic() - started)
+
+
+# --- wireguard-go: the UAPI socket --------------------------------------------------------
+
+
+class Uapi:
+    """A WireGuard interface through its UAPI socket (wireguard-go, or anything
+    serving ``SOCKET_DIR/NAME.sock``). One connection per transaction; the
+    calls block (run them in a thread from asyncio)."""
+
+    def __init__(
+        self,
+        name: str,
+        socket_dir: str = UAPI_DIR,
+        *,
+        timeout: float = IO_TIMEOUT,
+        batch_size: int = BATCH_SIZE,
+        pause: float = BATCH_PAUSE,
+    ) -> None:
+        check_name(name)
+        self.name = name
+        self.socket_path = Path(socket_dir) / f"{name}.sock"
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.pause = pause
+
+    def __repr__(self) -> str:
+        return f"Uapi({self.name!r}, {str(self.socket_path.parent)!r})"
+
+    def read(self) -> Interface:
+        return parse_uapi(self.name, self._transact(b"get=1\n\n", "get"))
+
+    def activate(self, targets: Sequence[Target]) -> Activation:
+        started = time.monotonic()
+        known, batches = plan_activation(self.read(), targets, self.batch_size)
+        return _run_batches(batches, self._apply, self.pause, started, known)
+
+    def _apply(self, batch: Batch) -> None:
+        self._transact(uapi_activation(batch), "set")
+
+    def _transact(self, request: bytes, what: str) -> str:
+        """Sends one request; the body of the answer (``errno=0`` removed)."""
+        path = self.socket_path
+        answer = bytearray()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(path))
+                # One sendall: wireguard-go applies what it has read when the
+                # connection ends early, so a request is never sent in pieces.
+                sock.sendall(request)
+                while not answer.endswith(b"\n\n"):
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        raise WireGuardError(self.name, f"UAPI {what}: closed before answering")
+                    answer += chunk
+                    if len(answer) > UAPI_LIMIT:
+                        raise WireGuardError(self.name, f"UAPI {what}: answer too large")
+        except FileNotFoundError:
+            raise WireGuardError(self.name, f"no such interface (no UAPI socket {path})") from None
+        except ConnectionRefusedError:
+            raise WireGuardError(
+                self.name, f"UAPI socket {path} refused the connection (wireguard-go is gone?)"
+            ) from None
+        except TimeoutError:
+            raise WireGuardError(
+                self.name, f"UAPI {what}: no answer within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise WireGuardError(self.name, f"UAPI {what}: {exc.strerror or exc}") from None
+        body, _, last = bytes(answer[:-2]).rpartition(b"\n")
+        status = _ERRNO_RE.fullmatch(last)
+        if status is None:
+            raise WireGuardError(self.name, f"UAPI {what}: the answer does not end in errno=")
+        code = int(status.group(1))
+        if code != 0:
+            reason = os.strerror(abs(code))
+            raise WireGuardError(self.name, f"UAPI {what} failed: errno={code} ({reason})")
+        return body.decode("utf-8", errors="replace")
+
+
+# --- the kernel module: wg -----------------------------------------------------------------
+
+
+class WgTool:
+    """A WireGuard interface through the ``wg`` program (the kernel module's
+    netlink, or UAPI when wireguard-go serves the name). No shell; preshared
+    keys go through pipes, never argv or a file on disk."""
+
+    def __init__(
+        self,
+        name: str,
+        wg: str = "wg",
+        *,
+        timeout: float = IO_TIMEOUT,
+        batch_size: int = BATCH_SIZE,
+        pause: float = BATCH_PAUSE,
+    ) -> None:
+        check_name(name)
+        self.name = name
+        self.wg = wg
+        self.timeout = timeout
+        self.batch_size = batch_size
+        self.pause = pause
+
+    def __repr__(self) -> str:
+        return f"WgTool({self.name!r}, {self.wg!r})"
+
+    def read(self) -> Interface:
+        return parse_dump(self.name, self._run([self.wg, "show", self.name, "dump"], ()))
+
+    def activate(self, targets: Sequence[Target]) -> Activation:
+        started = time.monotonic()
+        known, batches = plan_activation(self.read(), targets, self.batch_size)
+        return _run_batches(batches, self._apply, self.pause, started, known)
+
+    def _apply(self, batch: Batch) -> None:
+        fds: list[int] = []
+        files: dict[bytes, str] = {}
+        try:
+            for peer, _ in batch:
+                if peer.preshared_key == NO_KEY:
+                    continue
+                read_end, write_end = os.pipe()
+                fds.append(read_end)
+                try:
+                    # 45 bytes: far below a pipe's buffer, so this never blocks.
+                    os.write(write_end, base64.b64encode(peer.preshared_key) + b"\n")
+                finally:
+                    os.close(write_end)
+                files[peer.public_key] = f"/dev/fd/{read_end}"
+            argv = wg_activation_argv(self.wg, self.name, batch, lambda p: files[p.public_key])
+            self._run(argv, fds)
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _run(self, argv: list[str], fds: Sequence[int]) -> str:
+        what = " ".join(argv[1:2])
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=self.timeout,
+                pass_fds=tuple(fds),
+                check=False,
+            )
+        except FileNotFoundError:
+            raise WireGuardError(self.name, f"cannot run {self.wg!r}: not found") from None
+        except subprocess.TimeoutExpired:
+            raise WireGuardError(
+                self.name, f"wg {what}: no answer within {self.timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise WireGuardError(self.name, f"cannot run {self.wg!r}: {exc.strerror}") from None
+        if done.returncode != 0:
+            # stderr only: stdout of `show dump` holds the private key.
+            detail = one_line(done.stderr)[:300] or f"exit status {done.returncode}"
+            raise WireGuardError(self.name, f"wg {what} failed: {detail}")
+        return done.stdout
+
+
+def open_interface(name: str, socket_dir: str = UAPI_DIR) -> WireGuard:
+    """:class:`Uapi` when wireguard-go's socket exists, else :class:`WgTool`."""
+    check_name(name)
+    if (Path(socket_dir) / f"{name}.sock").exists():
+        return Uapi(name, socket_dir)
+    return WgTool(name)
+
+
+# --- a fake for the agent's tests ---------------------------------------------------------
+
+
+class FakeWireGuard:
+    """An interface in memory: :meth:`activate` records its targets and gives the
+    known peers their new endpoint (as a real one would, before the handshake)."""
+
+    def __init__(self, interface: Interface, *, fail: str | None = None) -> None:
+        self.interface = interface
+        self.activations: list[list[Target]] = []
+        self.fail = fail  # a WireGuardError message for every call, while set
+
+    def read(self) -> Interface:
+        if self.fail is not None:
+            raise WireGuardError(self.interface.name, self.fail)
+        return self.interface
+
+    def activate(self, targets: Sequence[Target]) -> Activation:
+        known, batches = plan_activation(self.read(), targets)
+        self.activations.append(list(targets))
+        moved = {peer.public_key: endpoint for batch in batches for peer, endpoint in batch}
+        peers = tuple(
+            replace(p, endpoint=moved[p.public_key]) if p.public_key in moved else p
+            for p in self.interface.peers
+        )
+        self.interface = replace(self.interface, peers=peers)
+        return Activation(known, known, 0.0)
