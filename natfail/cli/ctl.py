@@ -29,6 +29,11 @@ def _build_parser() -> ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without a daemon")
     check.add_argument("file", nargs="?", type=Path, default=None)
+    check.add_argument(
+        "--agent",
+        action="store_true",
+        help="FILE is an agent config (default /etc/natfail/agent.toml)",
+    )
 
     probe = sub.add_parser(
         "probe", help="one WireGuard handshake probe (through the daemon when it runs)"
@@ -79,6 +84,23 @@ def _build_parser() -> ArgumentParser:
     return parser
 
 
+def _check_agent_config(file: Path | None) -> int:
+    from natfail.agent import config as agent_config
+
+    path = file or Path(agent_config.DEFAULT_AGENT_CONFIG)
+    problems = agent_config.check_agent_file(path)
+    if problems:
+        for line in problems:
+            sys.stderr.write(f"{PROG}: {line}\n")
+        return exitcodes.USAGE
+    conf = agent_config.load_agent_config(path)
+    print(
+        f"{path}: ok: agent listening on {conf.listen}, {len(conf.gateways)} gateway(s), "
+        f"interfaces {', '.join(conf.interfaces)}"
+    )
+    return exitcodes.OK
+
+
 def _check_config(config_opt: Path | None, file: Path | None) -> int:
     from natfail import config as cfg
 
@@ -92,6 +114,8 @@ def _check_config(config_opt: Path | None, file: Path | None) -> int:
         for line in problems:
             sys.stderr.write(f"{PROG}: {line}\n")
         return exitcodes.USAGE
+    for warning in cfg.warnings(conf):
+        sys.stderr.write(f"{PROG}: warning: {warning}\n")
     backends = sum(len(s.backends) for s in conf.services)
     names = ", ".join(s.name for s in conf.services)
     print(
@@ -104,6 +128,8 @@ def _check_config(config_opt: Path | None, file: Path | None) -> int:
 def run(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "check-config":
+        if args.agent:
+            return _check_agent_config(args.file)
         return _check_config(args.config, args.file)
     if args.command in ("probe", "probe-peer"):
         from natfail.cli import probe_cmds

@@ -1,5 +1,5 @@
-"""`natfail`: the daemon in the foreground (`natfail [-c FILE]`) and the lab
-demo (`natfail demo`)."""
+"""`natfail`: the daemon in the foreground (`natfail [-c FILE]`), the lab
+demo (`natfail demo`) and the backend's agent (`natfail agent [-c FILE]`)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,20 @@ def _build_parser() -> ArgumentParser:
         "--config",
         type=Path,
         default=None,
-        help="config file (default /etc/natfail/natfail.toml)",
+        help="config file (default /etc/natfail/natfail.toml; for `agent`, "
+        "/etc/natfail/agent.toml)",
     )
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["demo"],
-        help="`demo` builds a lab of namespaces with real WireGuard and shows it working",
+        choices=["demo", "agent"],
+        help="`demo` builds a lab of namespaces with real WireGuard and shows it working; "
+        "`agent` runs the agent of a backend host",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="with `agent`: validate the agent config and exit",
     )
     return parser
 
@@ -71,6 +78,10 @@ def _run_daemon(config_path: Path | None) -> int:
 
 def _run_locked(conf: Config) -> int:
     _setup_logging()
+    from natfail import config as cfg
+
+    for warning in cfg.warnings(conf):
+        logging.getLogger("natfail").warning("%s", warning)
     import asyncio
 
     from natfail.daemon import Daemon
@@ -132,8 +143,41 @@ def _run_locked(conf: Config) -> int:
             close()
 
 
+def _run_agent(config_path: Path | None, check_only: bool) -> int:
+    from natfail.agent import config as agent_config
+
+    path = config_path or Path(agent_config.DEFAULT_AGENT_CONFIG)
+    problems = agent_config.check_agent_file(path)
+    if problems:
+        for line in problems[1:]:
+            sys.stderr.write(f"{PROG}: {line}\n")
+        raise UsageError(str(problems[0]))
+    conf = agent_config.load_agent_config(path)
+    if check_only:
+        print(
+            f"{path}: ok: listen {conf.listen}, {len(conf.gateways)} gateway(s), "
+            f"interfaces {', '.join(conf.interfaces)}"
+        )
+        return 0
+    _setup_logging()
+    import asyncio
+
+    from natfail.agent.daemon import Agent
+
+    try:
+        return asyncio.run(Agent(conf).run())
+    except OSError as exc:
+        raise Refused(f"cannot listen on {conf.listen}: {exc.strerror or exc}") from None
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.check_config and args.command != "agent":
+        raise UsageError(
+            "--check-config goes with `agent` (the gateway's: natfailctl check-config)"
+        )
+    if args.command == "agent":
+        return _run_agent(args.config, args.check_config)
     if args.command == "demo":
         from natfail import demo
 

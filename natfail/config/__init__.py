@@ -19,7 +19,7 @@ The parts: :mod:`~natfail.config.reader` (files and TOML in, the model out),
 
 from __future__ import annotations
 
-from natfail.config.checks import check_files
+from natfail.config.checks import check_files, warnings
 from natfail.config.keys import (
     KEY_FILE_LIMIT,
     KEY_LEN,
@@ -116,4 +116,5 @@ __all__ = [
     "parse_listen",
     "read_config_file",
     "read_raw",
+    "warnings",
 ]

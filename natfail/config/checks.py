@@ -72,3 +72,16 @@ def check_files(config: Config) -> list[Problem]:
             if reason is not None:
                 report(("service", index, "notify"), service.notify, reason)
     return problems
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but will not do what the operator likely wants, one line each."""
+    out: list[str] = []
+    for index, service in enumerate(config.services):
+        if service.source_nat == "masquerade" and any(b.agent for b in service.backends):
+            out.append(
+                f'{config.path}: service[{index}] ({service.name}): source_nat = "masquerade" '
+                "shows the backends the gateway, not the clients, so their agents cannot "
+                'bring clients over (hitless failover needs "preserve")'
+            )
+    return out

@@ -272,3 +272,55 @@ def test_natfailctl_with_a_fifo_or_dev_zero_as_config_never_hangs(tmp_path: Path
             assert proc.returncode == 2, (argv, proc.stderr)
             (line,) = proc.stderr.strip().splitlines()
             assert "not a regular file" in line
+
+
+AGENT_KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def _agent_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_agent_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _agent_file(
+        tmp_path, f'listen = "10.0.0.2:51821"\ngateways = ["{AGENT_KEY}"]\ninterfaces = ["wg0"]\n'
+    )
+    assert ctl.main(["check-config", "--agent", str(good)]) == 0
+    assert daemon_main.main(["agent", "--check-config", "-c", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok:") == 2 and "10.0.0.2:51821" in out
+
+
+def test_agent_check_config_reports_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _agent_file(tmp_path, 'listen = "10.0.0.2"\ngateways = ["nope"]\ninterfaces = ["wg0"]\n')
+    assert ctl.main(["check-config", "--agent", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "listen" in err[0] and "gateways" in err[1], err
+    assert daemon_main.main(["agent", "--check-config", "-c", str(bad)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_masquerade_with_agents_is_one_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_valid(tmp_path)
+    text = path.read_text()
+    assert "priority = 100" in text
+    path.write_text(
+        text.replace("priority = 100", 'priority = 100\nagent = "10.0.0.2:51821"', 1) + "\n"
+    )
+    text = path.read_text()
+    if "source_nat" in text:
+        text = text.replace('source_nat = "preserve"', 'source_nat = "masquerade"')
+    else:
+        text = text.replace(
+            "[[service.backend]]", 'source_nat = "masquerade"\n\n[[service.backend]]', 1
+        )
+    path.write_text(text)
+    assert ctl.main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "masquerade" in err[0] and "warning" in err[0], err

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import in_ci
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "natfail.service"
+AGENT_UNIT = UNIT.with_name("natfail-agent.service")
 MAX_EXPOSURE = 1.8
 
 analyze = shutil.which("systemd-analyze")
@@ -43,8 +44,9 @@ def _exposure(out: str) -> float:
 
 
 @needs_analyze
-def test_exposure_is_low_and_no_key_is_unknown() -> None:
-    proc = _security(UNIT)
+@pytest.mark.parametrize("unit", [UNIT, AGENT_UNIT], ids=lambda u: u.name)
+def test_exposure_is_low_and_no_key_is_unknown(unit: Path) -> None:
+    proc = _security(unit)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", f"systemd-analyze warned:\n{proc.stderr}"
     assert proc.stdout.lstrip().startswith("NAME"), proc.stdout[:500]
@@ -79,3 +81,14 @@ def test_the_unit_keeps_only_network_capabilities() -> None:
         "AF_INET6",
         "AF_NETLINK",
     ]
+
+
+def test_the_agent_unit_keeps_only_net_admin() -> None:
+    lines = {
+        line.split("=", 1)[0]: line.split("=", 1)[1]
+        for line in AGENT_UNIT.read_text().splitlines()
+        if "=" in line and line[0].isalpha()
+    }
+    assert lines["CapabilityBoundingSet"].split() == ["CAP_NET_ADMIN"]
+    assert lines["NoNewPrivileges"] == "yes" and lines["ProtectSystem"] == "strict"
+    assert "agent --check-config" in lines["ExecStartPre"]

@@ -1,0 +1,120 @@
+"""The gateway's end of the agent channel: one request, one reply, over UDP.
+
+Each exchange is a one-shot Noise IK handshake (:mod:`natfail.core.agent_channel`)
+from the gateway's probe key to the interface key the agent serves (the
+service's ``server_public_key``). The agent takes a request only if its
+timestamp is newer than the last one it took from this gateway for that
+interface, so exchanges with one (agent, interface) go one at a time, each
+with a new stamp from the gateway's own never-decreasing clock. An agent that
+does not answer in ``timeout`` is asked again, ``attempts`` times in all;
+then the exchange yields None (a down agent costs speed, never a failover)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from natfail.core import agent_channel as ch
+from natfail.core import agent_messages as msg
+from natfail.core.model import Endpoint
+
+TIMEOUT = 0.5
+ATTEMPTS = 2
+
+_Reply = TypeVar("_Reply", msg.Report, msg.Activated)
+
+
+class _Receiver(asyncio.DatagramProtocol):
+    def __init__(self, pending: ch.Pending, done: asyncio.Future[bytes]) -> None:
+        self.pending = pending
+        self.done = done
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        payload = ch.open_reply(self.pending, data)
+        if isinstance(payload, bytes) and not self.done.done():
+            self.done.set_result(payload)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error: the timeout decides; anyone can forge one
+
+
+class AgentLink:
+    def __init__(self, private_key: bytes, timestamp: Callable[[], bytes]) -> None:
+        self._private_key = private_key
+        self._timestamp = timestamp
+        self._locks: dict[tuple[Endpoint, bytes], asyncio.Lock] = {}
+
+    async def _once(
+        self, agent: Endpoint, agent_public: bytes, payload: bytes, timeout: float
+    ) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        datagram, pending = ch.new_request(
+            self._private_key, agent_public, payload, self._timestamp()
+        )
+        done: asyncio.Future[bytes] = loop.create_future()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Receiver(pending, done), remote_addr=agent.sockaddr()
+        )
+        try:
+            transport.sendto(datagram)
+            return await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            transport.close()
+
+    async def exchange(
+        self,
+        agent: Endpoint,
+        agent_public: bytes,
+        request: msg.Poll | msg.Activate,
+        expect: type[_Reply],
+        *,
+        timeout: float = TIMEOUT,
+        attempts: int = ATTEMPTS,
+    ) -> _Reply | None:
+        """The agent's reply of type ``expect``, or None when none came."""
+        payload = msg.encode(request)
+        lock = self._locks.setdefault((agent, agent_public), asyncio.Lock())
+        async with lock:
+            for _ in range(attempts):
+                try:
+                    raw = await self._once(agent, agent_public, payload, timeout)
+                except OSError:
+                    raw = None
+                if raw is None:
+                    continue
+                reply = msg.decode_reply(raw)
+                if isinstance(reply, expect):
+                    return reply
+            return None
+
+    async def poll(
+        self, agent: Endpoint, agent_public: bytes, version: int, *, timeout: float = TIMEOUT
+    ) -> list[msg.Report] | None:
+        """Every page of the agent's report (none beyond the first when its
+        version is ``version``), or None when the agent did not answer."""
+        first = await self.exchange(
+            agent, agent_public, msg.Poll(version, 0), msg.Report, timeout=timeout
+        )
+        if first is None:
+            return None
+        pages = [first]
+        for page in range(1, first.pages):
+            more = await self.exchange(
+                agent, agent_public, msg.Poll(version, page), msg.Report, timeout=timeout
+            )
+            if more is None or more.version != first.version:
+                return None  # changed meanwhile: the next poll reads it whole
+            pages.append(more)
+        return pages
+
+    async def activate(
+        self, agent: Endpoint, agent_public: bytes, epoch: int, targets: tuple[msg.Target, ...]
+    ) -> list[msg.Activated | None]:
+        """Sends every page of an activation; one reply (or None) per page."""
+        out: list[msg.Activated | None] = []
+        for page in msg.paginate_activate(epoch, targets):
+            out.append(await self.exchange(agent, agent_public, page, msg.Activated))
+        return out
