@@ -21,10 +21,14 @@ Why UDP and one handshake per exchange: there is no session to set up,
 keep alive, time out or resynchronise after a restart of either side, no
 per-agent connection state on a gateway serving thousands of backends, and
 the exchange costs exactly the one round trip the activation has to pay
-anyway. Each exchange costs four X25519 operations per side (about 0.15 ms),
-which a poll every second or so per backend affords; the gateway caches the
-static-static DH. A lost datagram is a lost exchange: the gateway asks again
-with a new request (new ephemeral, new timestamp).
+anyway. The price is CPU: an exchange costs the gateway four X25519
+operations (it caches the static-static DH) and the agent five; measured on
+a loaded 2-core test machine, about 0.3 ms of gateway CPU per exchange
+(build 0.15, open 0.17) and 0.4 ms of agent CPU. At the design's scale
+(3000 backends) a poll of every backend each second would cost a gateway
+about one core, so polls should come every few seconds; activations are
+rare. A lost datagram is a lost exchange: the gateway asks again with a new
+request (new ephemeral, new timestamp).
 
 Layout (integers little-endian as in WireGuard; ``mac1`` keyed by
 ``HASH(LABEL_MAC1 || receiver's static public key)``, over every byte
@@ -89,12 +93,17 @@ Security.
   gateway (nobody else can read it), and a replayed activation only makes
   the backend initiate handshakes towards endpoints it had already been
   told; if that backend is not the active one, the gateway's fence drops
-  what it sends towards clients, and the gateway's epoch ordering ignores an
-  old activation's epoch. ``ReplayGuard(floor=...)`` lets an agent close
+  what it sends towards clients; and an old activation's epoch is below the
+  one the agent already recorded, so where the highest epoch wins it
+  changes nothing. ``ReplayGuard(floor=...)`` lets an agent close
   even that window if it wishes, at the cost of refusing a gateway whose
   clock lags behind the floor.
-- Reports are confidential (client endpoints are not shown to an
-  eavesdropper): only the gateway's ephemeral private key opens a reply.
+- Payloads are confidential, so client endpoints are not shown to an
+  eavesdropper. A reply opens only with both sides' ephemeral keys (``ee``),
+  so it stays secret even if a static key leaks later. A request's payload,
+  as in any IK first message, is encrypted to the static keys only: whoever
+  later steals the interface's (or the gateway's) private key can read
+  recorded requests, including the endpoints an activation listed.
 - The agent answers nothing it did not authenticate, so it cannot be used
   to reflect or amplify traffic towards a spoofed source, except by a
   replay within the window above.

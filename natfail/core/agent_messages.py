@@ -46,10 +46,11 @@ exchange per page. How the pages are meant to be used:
   under it. An agent should start its versions from something that does not
   repeat across restarts (its clock at the change, say), so that a restart
   never presents a different report under a version a gateway already has.
-- An agent whose report is still at the polled ``version`` answers with
-  ``unchanged_report``: ``pages == 0``, no peers. It still carries the
-  agent's clock, so reachability and skew stay measured without resending
-  the peers.
+- An agent whose report is still at the polled ``version`` answers with one
+  empty page of that version (``paginate_report(version, clock_ns, ())``):
+  a gateway that sees its own version back keeps what it has. The reply
+  still carries the agent's clock, so reachability and skew stay measured
+  without resending the peers.
 - ``clock_ns`` is the agent's wall clock (Unix ns) when it built the reply;
   signed, so a clock set before 1970 still reports as the skew it is.
 - Every page of an activation carries the same ``epoch``; ``Activated``
@@ -85,7 +86,6 @@ __all__ = [
     "encode",
     "paginate_activate",
     "paginate_report",
-    "unchanged_report",
 ]
 
 FORMAT: Final = 1
@@ -184,10 +184,7 @@ class Poll:
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """Agent -> gateway: one page of the peers with a recent handshake.
-
-    ``pages == 0`` (with ``page == 0`` and no peers) says the report is
-    unchanged since the polled version; see ``unchanged_report``."""
+    """Agent -> gateway: one page of the peers with a recent handshake."""
 
     version: int
     clock_ns: int
@@ -202,14 +199,7 @@ class Report:
             isinstance(peer, ReportedPeer) for peer in self.peers
         ):
             raise ValueError("peers must be a tuple of ReportedPeer")
-        if self.pages == 0 and self.page == 0 and not self.peers:
-            return
         _check_page(self.page, self.pages, len(self.peers))
-
-    @property
-    def unchanged(self) -> bool:
-        """The agent's report is still at ``version``; no peers carried."""
-        return self.pages == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,11 +241,6 @@ class Activated:
 RequestMessage = Poll | Activate
 ReplyMessage = Report | Activated
 Message = RequestMessage | ReplyMessage
-
-
-def unchanged_report(version: int, clock_ns: int) -> Report:
-    """The answer to a ``Poll`` of the agent's current ``version``."""
-    return Report(version, clock_ns, (), 0, 0)
 
 
 def _pages(count: int) -> int:
@@ -362,10 +347,6 @@ def _read_entries(
         entries.append((data[offset:family_at], endpoint, age))
         offset = stop
     return entries if offset == end else None
-
-
-def _header_ok(data: bytes, size: int) -> bool:
-    return len(data) >= size and data[0] == FORMAT
 
 
 def decode_request(data: bytes | bytearray | memoryview) -> Poll | Activate | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +295,71 @@ def test_wg_tool_activates_through_wireguard_go(psk_pair: Pair) -> None:
     assert after.allowed_ips == (f"{CLIENT_TUNNEL}/32",)
     assert after.endpoint == CLIENT_ENDPOINT
     assert wait_until(pair.backend_pings_client, DEADLINE, 0.1)
+
+
+_GATEWAY_SCRIPT = """
+import asyncio, base64, sys, time
+from natfail.core import agent_messages as msg
+from natfail.core.model import Endpoint
+from natfail.core.tai64n import next_timestamp
+from natfail.io.agent_link import AgentLink
+
+key, agent, server, client, client_ep = sys.argv[1:6]
+link = AgentLink(base64.b64decode(key), lambda: next_timestamp(time.time_ns(), None))
+target = msg.Target(base64.b64decode(client), Endpoint.parse(client_ep))
+replies = asyncio.run(
+    link.activate(Endpoint.parse(agent), base64.b64decode(server), 1, (target,))
+)
+reply = replies[0]
+print("none" if reply is None else f"{reply.known} {reply.initiated}")
+"""
+
+
+def test_the_agent_process_brings_a_client_over_on_a_gateway_request(pair: Pair) -> None:
+    """`natfail agent` in the backend's namespace, commanded over the channel by a
+    gateway (here: a process in the client's namespace holding a listed key)."""
+    gateway = new_key(pair.directory, "gateway")
+    agent_at = f"{BACKEND_IP}:51821"
+    config = pair.directory / "agent.toml"
+    config.write_text(
+        f'listen = "{agent_at}"\ngateways = ["{gateway.public_b64}"]\n'
+        f'interfaces = ["{pair.hosts.backend_if}"]\n'
+    )
+    log = (pair.directory / "agent.log").open("w")
+    agent = subprocess.Popen(
+        ns_argv(
+            pair.hosts.backend_ns,
+            [sys.executable, "-m", "natfail.cli.daemon_main", "agent", "-c", str(config)],
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert wait_until(lambda: "listening" in (pair.directory / "agent.log").read_text(), 10)
+        assert pair.client_handshake() == 0.0
+        done = run(
+            ns_argv(
+                pair.hosts.client_ns,
+                [
+                    sys.executable,
+                    "-c",
+                    _GATEWAY_SCRIPT,
+                    base64.b64encode(gateway.private).decode(),
+                    agent_at,
+                    pair.backend_key.public_b64,
+                    pair.client_key.public_b64,
+                    str(CLIENT_ENDPOINT),
+                ],
+            ),
+            timeout=20,
+        )
+        assert done.stdout.strip() == "1 1", (
+            done.stdout,
+            (pair.directory / "agent.log").read_text(),
+        )
+        _wait_backend_initiated(pair)
+        assert wait_until(pair.backend_pings_client, DEADLINE, 0.1)
+    finally:
+        agent.terminate()
+        assert agent.wait(10) == 0
+        log.close()
