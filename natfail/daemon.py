@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
@@ -27,6 +28,8 @@ from typing import Any
 
 from natfail import config as cfg
 from natfail import exitcodes
+from natfail.agent_polls import AgentPolls
+from natfail.core import agents as ag
 from natfail.core import controller as ctl
 from natfail.core import health as hl
 from natfail.core import noise, ruleset, saved, status
@@ -167,6 +170,7 @@ class Daemon:
         self.reloader = Reloader(self)
         self.foreign = ForeignCheck(self)
         self.requests = Requests(self)
+        self.agent_polls = AgentPolls(self)
         self.control = ControlServer(config.daemon.socket, self.requests.handle)
 
     @property
@@ -215,6 +219,8 @@ class Daemon:
         self.firewall.installed = installed
         adopted = ruleset.active_from(installed, self.config.services)
         keys = load_all_keys(self.config.services)
+        saved_clients = self.agent_polls.load()
+        wall = time.time()
         for service in self.config.services:
             wishes = saved.wishes(saved_services.get(service.name), service)
             state = ctl.ServiceState.initial(
@@ -223,6 +229,12 @@ class Daemon:
                 active=adopted.get(service.name),
                 pin=wishes.pin,
                 drained=wishes.drained,
+                agents=ag.load_clients(
+                    saved_clients.get(service.name),
+                    (b.name for b in service.backends if b.agent is not None),
+                    now,
+                    wall,
+                ),
             )
             if state.active is not None:
                 log.info("%s: adopted the installed rule to %s", service.name, state.active)
@@ -254,6 +266,7 @@ class Daemon:
                 host, port = cfg.parse_listen(self.config.daemon.metrics_listen)
                 self.metrics.serve(host, port)
             self.prober.start()
+            self.agent_polls.start()
             if self._watch_ruleset is not None:
                 watcher = self._watch_ruleset(self._reconcile_requested.set, self.firewall.own)
                 self._background.add(watcher)
@@ -269,6 +282,7 @@ class Daemon:
         finally:
             self.notifier.notify("STOPPING=1")
             await self.prober.stop()
+            await self.agent_polls.stop()
             self.transport.close()
             for task in list(self._background):
                 task.cancel()
@@ -351,6 +365,7 @@ class Daemon:
             wall_now=time.time(),
             monotonic_now=self.monotonic(),
             foreign={name: rt.foreign for name, rt in self.services.items()},
+            activations={k: dataclasses.asdict(v) for k, v in self.agent_polls.last.items()},
         )
 
     async def probe_round(self, name: str) -> None:

@@ -132,6 +132,10 @@ class Executor:
                     self.switched(effect, swap, unstrand + self._d.monotonic() - started)
                 elif isinstance(effect, ctl.SaveState):
                     save = True
+                elif isinstance(effect, ctl.SaveClients):
+                    self._d.agent_polls.changed()
+                elif isinstance(effect, ctl.Activate):
+                    self._d.agent_polls.activate(effect)
                 elif isinstance(effect, ctl.LocalProbeError):
                     self._local_errors.report(
                         f"probes failing on this gateway ({effect.reason}); "

@@ -143,3 +143,4 @@ class Reloader:
         d.services = services
         d.transport.retain(b.address for s in new.services for b in s.backends)
         d.prober.arm()
+        d.agent_polls.ensure_started()

@@ -52,6 +52,15 @@ def _rtt(value: Any) -> str:
     return f"{value:.2f} ms" if isinstance(value, (int, float)) else "-"
 
 
+def _agent(agent: Any) -> str:
+    """The AGENT column: "-" without one, else reachability and clients known."""
+    if not isinstance(agent, dict):
+        return "-"
+    if not agent.get("reachable"):
+        return "unreachable"
+    return f"{agent.get('clients', 0)} clients"
+
+
 def _print_status(reply: dict[str, Any]) -> None:
     for index, service in enumerate(reply.get("services", [])):
         if index:
@@ -64,7 +73,7 @@ def _print_status(reply: dict[str, Any]) -> None:
         )
         for warning in service.get("warnings") or []:
             print(f"  warning: {warning}")
-        rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "SINCE")]
+        rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "AGENT", "SINCE")]
         for backend in service.get("backends", []):
             marker = "*" if backend.get("name") == service.get("active") else " "
             rows.append(
@@ -73,6 +82,7 @@ def _print_status(reply: dict[str, Any]) -> None:
                     str(backend.get("address")),
                     str(backend.get("state")),
                     _rtt(backend.get("rtt_ms")),
+                    _agent(backend.get("agent")),
                     str(backend.get("since") or "-"),
                 )
             )

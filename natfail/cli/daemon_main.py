@@ -40,6 +40,11 @@ def _build_parser() -> ArgumentParser:
         action="store_true",
         help="with `agent`: validate the agent config and exit",
     )
+    parser.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="with `demo`: run no agents on the backends, to compare with WireGuard's own recovery",
+    )
     return parser
 
 
@@ -181,7 +186,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from natfail import demo
 
-        return demo.run()
+        return demo.run(agents=not args.no_agent)
     return _run_daemon(args.config)
 
 

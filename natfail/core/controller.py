@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from natfail.core import agent_messages as msg
+from natfail.core import agents as ag
 from natfail.core import health as hl
 from natfail.core import selector as sel
 from natfail.core.model import Backend, Endpoint, Service
@@ -45,6 +47,8 @@ class ServiceState:
     keys_epoch: int = 0
     """Bumped whenever the service's probe keys change: a probe made with
     older keys says nothing about the backend."""
+    agents: Mapping[str, ag.AgentView] = field(default_factory=dict)
+    """What the agents of the backends that have one said, by backend."""
 
     @classmethod
     def initial(
@@ -55,14 +59,17 @@ class ServiceState:
         active: str | None = None,
         pin: sel.Pin | None = None,
         drained: frozenset[str] = frozenset(),
+        agents: Mapping[str, ag.AgentView] | None = None,
     ) -> ServiceState:
         names = {b.name for b in service.backends}
+        with_agent = {b.name for b in service.backends if b.agent is not None}
         return cls(
             service=service,
             health={b.name: hl.BackendHealth.initial(now) for b in service.backends},
             active=active if active in names else None,
             pin=pin if pin is not None and pin.backend in names else None,
             drained=frozenset(drained & names),
+            agents={name: (agents or {}).get(name, ag.AgentView()) for name in sorted(with_agent)},
         )
 
     @property
@@ -136,6 +143,24 @@ class SaveState:
 
 
 @dataclass(frozen=True)
+class SaveClients:
+    """The clients the agents reported changed: write them (when convenient)."""
+
+
+@dataclass(frozen=True)
+class Activate:
+    """Tell the new active backend's agent to bring the service's recent
+    clients over (after the cleanup: an old flow of a client would make the
+    gateway give the backend's initiation another source port)."""
+
+    service: str
+    backend: str
+    agent: Endpoint
+    server_public_key: bytes
+    targets: tuple[msg.Target, ...]
+
+
+@dataclass(frozen=True)
 class Transaction:
     """Move ``service``'s DNAT to ``active`` (one firewall transaction)."""
 
@@ -143,7 +168,7 @@ class Transaction:
     active: str
 
 
-Effect = Log | LocalProbeError | Cleanup | Switched | SaveState
+Effect = Log | LocalProbeError | Cleanup | Switched | SaveState | SaveClients | Activate
 
 
 @dataclass(frozen=True)
@@ -288,7 +313,7 @@ def decide(state: ServiceState, now: float) -> Outcome:
         if decision.pin != state.pin:
             effects.append(SaveState())
         return Outcome(decided, tuple(effects), wake_at=decision.next_check)
-    moved = _move(decided, decision.active, decision.reason, tuple(effects), kept=decided)
+    moved = _move(decided, decision.active, decision.reason, tuple(effects), kept=decided, now=now)
     return replace(moved, wake_at=decision.next_check)
 
 
@@ -299,6 +324,7 @@ def _move(
     effects: tuple[Effect, ...],
     *,
     kept: ServiceState,
+    now: float,
 ) -> Outcome:
     service = state.service
     previous = state.active
@@ -311,6 +337,14 @@ def _move(
     old = service.backend(previous) if previous is not None else None
     if old is not None:
         after.append(Cleanup.of(service, old))
+    # The first choice brings nobody over: whoever talks to the service
+    # already talks to that backend (or to none).
+    if target.agent is not None and previous is not None:
+        clients = ag.targets(state.agents.values(), now)
+        if clients:
+            after.append(
+                Activate(state.name, active, target.agent, service.server_public_key, clients)
+            )
     after += [Switched(state.name, previous, active, reason, target.address), SaveState()]
     return Outcome(moved, effects, Transaction(state.name, active), tuple(after), kept=kept)
 
@@ -393,3 +427,47 @@ def stray_cleanups(state: ServiceState) -> list[Cleanup]:
     if state.active is None:
         return []
     return [Cleanup.of(state.service, b) for b in state.service.backends if b.name != state.active]
+
+
+# -- agents ----------------------------------------------------------------------------
+
+
+def agent_polled(state: ServiceState, backend: str, polled: ag.Polled) -> Outcome:
+    """A poll of ``backend``'s agent came back (or did not)."""
+    old = state.agents.get(backend)
+    if old is None:
+        return Outcome(state)  # the backend or its agent went away in a reload
+    new = ag.observe(old, polled)
+    effects: list[Effect] = []
+    if new.reachable != old.reachable and (new.reachable or old.answered):
+        if new.reachable:
+            effects.append(
+                Log(
+                    logging.INFO,
+                    f"{state.name}: agent of {backend} reachable "
+                    f"({new.recent(polled.at)} recent clients)",
+                )
+            )
+        else:
+            effects.append(
+                Log(
+                    logging.WARNING,
+                    f"{state.name}: agent of {backend} does not answer; a switch to "
+                    f"{backend} leaves its clients to WireGuard's own timers (about 15 s)",
+                )
+            )
+    if new.clients != old.clients:
+        effects.append(SaveClients())
+    agents = {**state.agents, backend: new}
+    before, after = ag.skew_spread(state.agents), ag.skew_spread(agents)
+    if after is not None and before is None:
+        low, high, spread = after
+        effects.append(
+            Log(
+                logging.WARNING,
+                f"{state.name}: the clocks of backends {low} and {high} differ by "
+                f"{spread:.1f} s; a client refuses a handshake from the one behind "
+                "until it catches up (run NTP on every backend)",
+            )
+        )
+    return Outcome(replace(state, agents=agents), tuple(effects))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
 
+from natfail.core import agents as ag
 from natfail.core import health as hl
 from natfail.core import selector as sel
 from natfail.core.controller import Cleanup, ServiceState, Switched
@@ -122,6 +123,18 @@ def _carry_over(
             else:
                 lost, active = before_active, None
     pin = state.pin if state.pin is not None and state.pin.backend in new_names else None
+    agents: dict[str, ag.AgentView] = {}
+    for backend in service.backends:
+        if backend.agent is None:
+            continue
+        before = predecessor(backend)
+        view = state.agents.get(before.name) if before is not None else None
+        if view is None:
+            view = ag.AgentView()
+        elif before is None or before.agent != backend.agent:
+            # Another agent: what the old one reported still describes the clients.
+            view = ag.AgentView(clients=view.clients)
+        agents[backend.name] = view
     carried = replace(
         state,
         service=service,
@@ -130,6 +143,7 @@ def _carry_over(
         pin=pin,
         drained=state.drained & new_names,
         keys_epoch=state.keys_epoch + (1 if keys_changed else 0),
+        agents=agents,
     )
     return carried, lost
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from natfail.core import agents as ag
 from natfail.core import selector as sel
 from natfail.core.controller import ServiceState
 from natfail.core.model import Endpoint
@@ -33,9 +34,11 @@ def render(
     wall_now: float,
     monotonic_now: float,
     foreign: Mapping[str, Mapping[str, int]],
+    activations: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``foreign``: per service, reply sources of client flows that another
-    NAT rule made (see the daemon's foreign check)."""
+    NAT rule made (see the daemon's foreign check); ``activations``: the last
+    activation of each (service, backend) agent."""
 
     def since(monotonic_since: float) -> str:
         wall = wall_now - (monotonic_now - monotonic_since)
@@ -55,6 +58,9 @@ def render(
                     "since": since(h.since),
                     "priority": b.priority,
                     "reason": h.last_reason,
+                    "agent": _agent(
+                        state, b.name, monotonic_now, (activations or {}).get((state.name, b.name))
+                    ),
                 }
             )
         services.append(
@@ -65,10 +71,41 @@ def render(
                 "pinned": state.pin is not None,
                 "failovers": state.failovers,
                 "backends": backends,
-                "warnings": foreign_warning(state.service.public, foreign.get(state.name, {})),
+                "warnings": [
+                    *foreign_warning(state.service.public, foreign.get(state.name, {})),
+                    *skew_warning(state.agents),
+                ],
             }
         )
     return {"services": services}
+
+
+def skew_warning(agents: Mapping[str, ag.AgentView]) -> list[str]:
+    spread = ag.skew_spread(agents)
+    if spread is None:
+        return []
+    low, high, seconds = spread
+    return [
+        f"the clocks of backends {low} and {high} differ by {seconds:.1f} s: run NTP on "
+        "every backend (a client refuses a handshake from the one behind)"
+    ]
+
+
+def _agent(
+    state: ServiceState, backend: str, now: float, activation: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """A backend's agent as status shows it; None when it has none."""
+    view = state.agents.get(backend)
+    target = state.service.backend(backend)
+    if view is None or target is None or target.agent is None:
+        return None
+    return {
+        "address": str(target.agent),
+        "reachable": view.reachable,
+        "clients": view.recent(now),
+        "clock_skew_ms": None if view.skew is None else round(view.skew * 1000, 1),
+        "last_activation": dict(activation) if activation is not None else None,
+    }
 
 
 SUMMARY_SERVICES = 10

@@ -320,6 +320,36 @@ class Metrics:
             "Times natfail's rules were found altered and put back",
             registry=self.registry,
         )
+        self.agent_up = Gauge(
+            "natfail_agent_up",
+            "1 when the backend's natfail agent answers the gateway's polls",
+            ["service", "backend"],
+            registry=self.registry,
+        )
+        self.agent_clients = Gauge(
+            "natfail_agent_clients",
+            "Clients with a recent handshake that the backend's agent reported",
+            ["service", "backend"],
+            registry=self.registry,
+        )
+        self.activation_seconds = Gauge(
+            "natfail_agent_activation_seconds",
+            "Time from sending the last activation to the agent's answer",
+            ["service", "backend"],
+            registry=self.registry,
+        )
+        self.peers_activated = Counter(
+            "natfail_agent_peers_activated",
+            "Clients whose handshake a backend started on the gateway's activation",
+            ["service", "backend"],
+            registry=self.registry,
+        )
+        self.activations_unanswered = Counter(
+            "natfail_agent_activations_unanswered",
+            "Activations the agent did not answer",
+            ["service", "backend"],
+            registry=self.registry,
+        )
         self._listener: _Listener | None = None
 
     def serve(self, host: str, port: int) -> None:
@@ -360,6 +390,19 @@ class Metrics:
         for name in backends:
             self.active.labels(service, name).set(1 if name == active else 0)
 
+    def agent(self, service: str, backend: str, reachable: bool, clients: int) -> None:
+        self.agent_up.labels(service, backend).set(1 if reachable else 0)
+        self.agent_clients.labels(service, backend).set(clients)
+
+    def activated(
+        self, service: str, backend: str, answered: bool, initiated: int, elapsed: float
+    ) -> None:
+        if answered:
+            self.activation_seconds.labels(service, backend).set(elapsed)
+            self.peers_activated.labels(service, backend).inc(initiated)
+        else:
+            self.activations_unanswered.labels(service, backend).inc()
+
     def forget(self, service: str) -> None:
         """Drop a removed service's series, so a reload leaves no ghosts."""
         metrics: tuple[Gauge | Counter, ...] = (
@@ -368,6 +411,11 @@ class Metrics:
             self.active,
             self.probe_failures,
             self.failovers,
+            self.agent_up,
+            self.agent_clients,
+            self.activation_seconds,
+            self.peers_activated,
+            self.activations_unanswered,
         )
         for metric in metrics:
             # prometheus_client has no public way to list a metric's label sets.

@@ -14,7 +14,8 @@ rules) runs in the gateway. The parts:
 * :mod:`natfail.lab.config_file`: natfail.toml for a lab;
 * :mod:`natfail.lab.runner`: the daemon in the gateway, and its status and
   switch records through its control socket;
-* :mod:`natfail.lab.pings`: pings from the client, and reading their output.
+* :mod:`natfail.lab.pings`: pings from the client, and reading their output;
+* :mod:`natfail.lab.agents`: ``natfail agent`` on the backends.
 
 Command line (by hand)::
 
@@ -23,6 +24,7 @@ Command line (by hand)::
     python -m natfail.lab down          # remove leftovers of dead labs
 """
 
+from natfail.lab.agents import AGENT_PORT, LabAgents, agent_address
 from natfail.lab.cli import main
 from natfail.lab.config_file import probe_table
 from natfail.lab.lab import Lab
@@ -52,6 +54,7 @@ from natfail.lab.topology import (
 from natfail.lab.wireguard import WG_RUN_DIR, Transfer, WgKey, WgPeer, WgShow, genkey, pubkey
 
 __all__ = [
+    "AGENT_PORT",
     "BACKEND_NAMES",
     "CLIENT_TUNNEL_V4",
     "CLIENT_TUNNEL_V6",
@@ -71,6 +74,7 @@ __all__ = [
     "WG_RUN_DIR",
     "DaemonRunner",
     "Lab",
+    "LabAgents",
     "LabBackend",
     "LabClient",
     "LabError",
@@ -80,6 +84,7 @@ __all__ = [
     "WgKey",
     "WgPeer",
     "WgShow",
+    "agent_address",
     "cleanup_stale",
     "decided_at",
     "genkey",

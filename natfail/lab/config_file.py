@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from natfail.lab.agents import agent_address
 from natfail.lab.topology import PUBLIC_PORT, PUBLIC_V4
 
 if TYPE_CHECKING:
@@ -27,10 +28,12 @@ def write_config(
     firewall: str = "nftables",
     service: str = "wg0",
     extra_service: str = "",
+    agents: bool = False,
 ) -> Path:
     """A natfail config for ``lab`` (one service, every backend, priorities descending
     from a), state and socket under the lab's directory; ``extra_service`` goes at
-    the end of the service's table, before its backends."""
+    the end of the service's table, before its backends; ``agents``: every
+    backend has its agent (see :mod:`natfail.lab.agents`)."""
     path = path or lab.dir / "natfail.toml"
     state = lab.dir / "state"
     state.mkdir(mode=0o700, exist_ok=True)
@@ -60,5 +63,7 @@ def write_config(
             f'address = "{b.address}"',
             f"priority = {100 - 10 * i}",
         ]
+        if agents:
+            lines.append(f'agent = "{agent_address(b)}"')
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -283,10 +283,16 @@ class Lab(WireGuardReadings):
         firewall: str = "nftables",
         service: str = "wg0",
         extra_service: str = "",
+        agents: bool = False,
     ) -> Path:
         """A natfail config for this lab: see :func:`natfail.lab.config_file.write_config`."""
         return config_file.write_config(
-            self, path, firewall=firewall, service=service, extra_service=extra_service
+            self,
+            path,
+            firewall=firewall,
+            service=service,
+            extra_service=extra_service,
+            agents=agents,
         )
 
     def set_static_dnat(self, v4: LabBackend | None, v6: LabBackend | None = None) -> None:

@@ -28,16 +28,18 @@ class Gateway:
         prefix: Sequence[str] = (),
         extra_service: str = "",
         env: dict[str, str] | None = None,
+        agents: bool = False,
     ) -> None:
         """``prefix`` goes before the daemon's argv (setpriv, a wrapper: how
         it is run); ``extra_service`` adds to the service's table; ``env``
-        adds to the daemon's environment."""
+        adds to the daemon's environment; ``agents``: every backend's
+        ``agent`` is set (the test runs them)."""
         self.lab = lab
         self.firewall = firewall
         extra = probe_table(INTERVAL, TIMEOUT, RISE, FALL)
         if extra_service:
             extra = extra_service + "\n" + extra
-        config = lab.write_config(firewall=firewall, extra_service=extra)
+        config = lab.write_config(firewall=firewall, extra_service=extra, agents=agents)
         log = lab.dir / f"daemon-{firewall}.log"
         self.daemon = DaemonRunner(lab, config, log=log, prefix=prefix, env=env)
 
