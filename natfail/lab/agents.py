@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from natfail.lab.processes import LabError, wait_until
@@ -33,8 +34,11 @@ class LabAgents:
         path = self.lab.dir / f"agent-{backend.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self, backend: LabBackend, timeout: float = 10.0) -> None:
-        """Starts the backend's agent and waits until it listens; LabError if not."""
+    def start(
+        self, backend: LabBackend, timeout: float = 10.0, *, prefix: Sequence[str] = ()
+    ) -> None:
+        """Starts the backend's agent and waits until it listens; LabError if not.
+        ``prefix`` goes before its argv (``faketime``, say)."""
         config = self.lab.dir / f"agent-{backend.name}.toml"
         config.write_text(
             f'listen = "{agent_address(backend)}"\n'
@@ -44,7 +48,7 @@ class LabAgents:
         with open(self.lab.dir / f"agent-{backend.name}.log", "a") as out:
             proc = self.lab.popen(
                 backend.ns,
-                [sys.executable, "-m", "natfail", "agent", "-c", str(config)],
+                [*prefix, sys.executable, "-m", "natfail", "agent", "-c", str(config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=DAEMON_ENV,
