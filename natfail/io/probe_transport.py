@@ -51,9 +51,18 @@ from natfail.config import Endpoint
 from natfail.core import noise
 from natfail.io.timestamps import TimestampClock
 
-# WireGuard drops initiations from one peer that come faster than this
-# (wireguard-go HandshakeInitationRate).
-MIN_INITIATION_GAP = 0.020
+MIN_INITIATION_GAP = 0.030
+"""Seconds between one initiation reaching a backend and the next one
+leaving for it. WireGuard silently drops ("handshake flood") an initiation
+from a peer that it handles within 20 ms of the last one it accepted from
+that peer (wireguard-go HandshakeInitationRate, the kernel's
+INITIATIONS_PER_SECOND); the kernel reads a coarse clock for it, one tick
+(up to 10 ms) apart from the real time. So the gap is counted from the
+arrival of the reply to the previous initiation when one came (the backend
+handled it before it answered, however long it held it): counted from the
+send, an initiation the backend handled late, on a busy host, was followed
+too soon by the next one, which it dropped (a probe "timeout" of a healthy
+backend). Without a reply, from the send, which is all we know."""
 
 MAX_COOKIE_ANSWERS = 2
 """Cookie replies one probe answers with mac2. One is enough for a real
@@ -222,6 +231,7 @@ class _Exchange:
         "invalid",
         "keys",
         "monotonic",
+        "replied_at",
         "sent",
         "waiter",
     )
@@ -234,6 +244,8 @@ class _Exchange:
         self.invalid = 0
         self.accepted: tuple[float, float] | None = None
         """(arrival, send time of the initiation it answers)."""
+        self.replied_at: float | None = None
+        """When the latest valid reply (response or cookie reply) arrived."""
         self.cookie: noise.Cookie | None = None
         self.cookies = 0
         self.cookie_pending = False
@@ -264,12 +276,14 @@ class _Exchange:
         result = noise.consume(sent.handshake, self.keys, data, now)
         if isinstance(result, noise.Accepted):
             self.accepted = (now, sent.at)
+            self.replied_at = now
             self.wake()
             return
         if isinstance(result, noise.CookieReceived) and index not in self._cookie_for:
             # (A second cookie reply to one initiation is a replay: a real
             # backend sends one.)
             self._cookie_for.add(sent.handshake.sender_index)
+            self.replied_at = now
             self.cookie = result.cookie
             self.cookies += 1
             self.cookie_pending = True
@@ -298,7 +312,21 @@ class _Channel:
         self.cookie: tuple[bytes, noise.Cookie] | None = None
         """(server public key, cookie): bound to this socket's address and port."""
         self.last_sent: float | None = None
+        """When the latest initiation left."""
+        self.last_reply: float | None = None
+        """When the latest valid reply (a handshake response or a cookie
+        reply) to one of this channel's initiations arrived."""
         self.retired = False
+
+    def quiet_since(self) -> float | None:
+        """Since when the backend has handled no initiation of ours, as far
+        as we can know (see MIN_INITIATION_GAP): the later of the last send
+        and the last valid reply, the current probe's included."""
+        times = [self.last_sent, self.last_reply]
+        if self.exchange is not None:
+            times.append(self.exchange.replied_at)
+        known = [t for t in times if t is not None]
+        return max(known) if known else None
 
     def open(
         self, opener: Callable[[Endpoint, tuple[Any, ...] | None], socket.socket]
@@ -440,10 +468,11 @@ class UdpProbeTransport:
     async def _wait_for_slot(self, channel: _Channel, deadline: float | None) -> float | None:
         """Return once an initiation to the channel's backend may leave, with
         the time; None if that is after `deadline`. The caller must send
-        without awaiting in between: the gap is kept between actual sends."""
+        without awaiting in between: the gap is kept from the actual send
+        (or the reply to it) to the next actual send."""
         while True:
             now = self._monotonic()
-            last = channel.last_sent
+            last = channel.quiet_since()
             if last is None or now >= last + MIN_INITIATION_GAP:
                 return now
             if deadline is not None and last + MIN_INITIATION_GAP > deadline:
@@ -460,7 +489,7 @@ class UdpProbeTransport:
         """Send one initiation now; the error if it could not leave."""
         # No await from here to the send: this initiation's timestamp must
         # be the newest one sent to the backend, and its send time the one
-        # the next initiation's gap is measured from.
+        # the next initiation's gap is measured from (or its reply's arrival).
         message, handshake = noise.new_initiation(
             exchange.keys, timestamp=self._clock.next(), cookie=cookie, now=slot
         )
@@ -512,6 +541,8 @@ class UdpProbeTransport:
             return await self._exchange(channel, exchange, timeout, cookie)
         finally:
             channel.exchange = None
+            if exchange.replied_at is not None:
+                channel.last_reply = exchange.replied_at
             if exchange.cookie is not None and channel.sock is not None:
                 channel.cookie = (keys.server_public_key, exchange.cookie)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ def natfailctl_probe(
     server_key: str | None = None,
     count: int = 1,
     timeout: float = 1.0,
+    interval: float = 0.05,
     state_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     argv = [
@@ -53,7 +55,7 @@ def natfailctl_probe(
         "--timeout",
         str(timeout),
         "--interval",
-        "0.05",
+        str(interval),
     ]
     if lab.psk_file is not None:
         argv += ["--psk-file", str(lab.psk_file)]
@@ -143,6 +145,54 @@ def test_paused_process_is_down_by_timeout(backends_up: Lab) -> None:
         backend.resume()
     assert proc.returncode == 1
     assert ": down, timeout" in proc.stdout, proc.stdout
+
+
+def _has_queued_datagram(backend: LabBackend) -> bool:
+    """Whether a datagram waits in the (paused) backend's UDP socket."""
+    assert backend.pid is not None
+    for name in ("udp", "udp6"):
+        table = Path(f"/proc/{backend.pid}/net/{name}")
+        rows = table.read_text().splitlines()[1:] if table.exists() else []
+        for row in rows:
+            # local_address is ADDR:PORT in hex, the 5th field tx_queue:rx_queue
+            fields = row.split()
+            if fields[1].endswith(f":{backend.port:04X}") and int(fields[4].split(":")[1], 16):
+                return True
+    return False
+
+
+def test_a_probe_right_after_a_slow_answer_is_up(backends_up: Lab) -> None:
+    """WireGuard drops an initiation it handles within 20 ms of the last one
+    it accepted from the same key ("handshake flood"). The backend here
+    handles the first initiation late (paused, like a busy host): counted
+    from that send, the next probe's 20 ms are long over when the response
+    comes, and it would leave at once, then be dropped: "down, timeout". The
+    gap is counted from the response's arrival instead."""
+    lab = backends_up
+    backend = lab.backends[0]
+    backend.pause()
+    try:
+        done = threading.Event()
+
+        def resume_once_queued() -> None:
+            while not done.is_set() and not _has_queued_datagram(backend):
+                time.sleep(0.01)
+            time.sleep(0.1)
+            backend.resume()
+
+        resumer = threading.Thread(target=resume_once_queued)
+        resumer.start()
+        try:
+            proc = natfailctl_probe(lab, backend.address, count=2, timeout=3.0, interval=0.0)
+        finally:
+            done.set()
+            resumer.join()
+    finally:
+        backend.resume()
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and all(": up, rtt " in x for x in lines), proc.stdout + proc.stderr
+    rtts = [float(x.split("rtt ")[1].split(" ms")[0]) for x in lines]
+    assert rtts[0] >= 100.0, proc.stdout  # the first one was answered late indeed
 
 
 def _fake(lab: Lab, backend: LabBackend, module: str, *args: str) -> subprocess.Popen[str]:

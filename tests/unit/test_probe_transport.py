@@ -184,7 +184,7 @@ def _recording_opener(
 
 
 def test_cookie_reply_is_answered_with_mac2_at_once(tmp_path: Path) -> None:
-    """Under load: a cookie reply, then at once (20 ms after the first) a
+    """Under load: a cookie reply, then at once (MIN_INITIATION_GAP after the first) a
     second initiation with mac2 from the same port, and its response."""
 
     async def main() -> None:
