@@ -209,10 +209,12 @@ def probe_peer(args: argparse.Namespace) -> int:
     if args.generate:
         for path in key_files:
             _generate_key_file(path)
+    publics: list[str] = []
     for index, path in enumerate(key_files):
         if not path.exists():
             raise Refused(f"probe-peer: {path} does not exist (create it with --generate)")
         public = cfg.encode_key(noise.public_key(_key_from_file(path, "probe key")))
+        publics.append(public)
         if index:
             print()
         psk_files = sorted(
@@ -236,4 +238,32 @@ def probe_peer(args: argparse.Namespace) -> int:
         if psk_files:
             line += " preshared-key /path/to/that/psk-file"
         print(line)
+    _print_agent_configs(conf, publics)
     return exitcodes.OK
+
+
+def _print_agent_configs(conf: cfg.Config | None, publics: list[str]) -> None:
+    """The agent.toml of each backend host: listen where the gateway's config
+    says the agent is, obey this gateway's probe key(s)."""
+    gateways = ", ".join(f'"{p}"' for p in publics)
+    agents: dict[str, list[str]] = {}
+    for service in conf.services if conf else ():
+        for backend in service.backends:
+            if backend.agent is not None:
+                agents.setdefault(str(backend.agent), []).append(
+                    f"backend {backend.name} of {service.name}"
+                )
+    print()
+    print("# natfail agent on each backend host, /etc/natfail/agent.toml (for hitless")
+    print("# failover; a second gateway's probe public key goes in gateways too):")
+    if not agents:
+        print('listen = "BACKEND_ADDRESS:51821"  # then agent = "BACKEND_ADDRESS:51821"')
+        print(f"gateways = [{gateways}]")
+        print('interfaces = ["wg0"]              # its WireGuard interface(s)')
+        return
+    for listen, names in agents.items():
+        print()
+        print(f"# for {', '.join(names)}")
+        print(f'listen = "{listen}"')
+        print(f"gateways = [{gateways}]")
+        print('interfaces = ["wg0"]  # its WireGuard interface(s) with the server key')

@@ -141,6 +141,26 @@ def test_probe_peer_generate(tmp_path: Path) -> None:
     assert again.stdout == proc.stdout
 
 
+def test_probe_peer_prints_the_agent_config_each_backend_needs(tmp_path: Path) -> None:
+    conf = write_valid(tmp_path)
+    conf.write_text(
+        conf.read_text().replace("priority = 100\n", 'priority = 100\nagent = "10.0.0.2:51821"\n')
+    )
+    proc = run_ctl("-c", str(conf), "probe-peer")
+    assert proc.returncode == 0, proc.stderr
+    public = proc.stdout.split("PublicKey = ")[1].split()[0]
+    agent_part = proc.stdout.split("/etc/natfail/agent.toml")[1]
+    assert "# for backend a of wg0" in agent_part
+    assert 'listen = "10.0.0.2:51821"' in agent_part
+    assert f'gateways = ["{public}"]' in agent_part
+    # what it prints is an agent config the agent itself accepts
+    agent_toml = tmp_path / "agent.toml"
+    body = agent_part.split("# for backend a of wg0\n")[1]
+    agent_toml.write_text(body)
+    check = run_ctl("check-config", "--agent", str(agent_toml))
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_natfailctl_imports_neither_scapy_nor_asyncio() -> None:
     code = (
         "import sys, natfail.cli.ctl as c\n"
