@@ -8,6 +8,8 @@ import logging
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from natfail.core import agent_messages as msg
 from natfail.core import agents as ag
@@ -538,3 +540,28 @@ def test_status_has_no_skew_warning_when_the_clocks_agree() -> None:
     assert svc["warnings"] == []
     assert svc["backends"][1]["agent"]["clock_skew_ms"] is None
     assert svc["backends"][1]["agent"]["last_activation"] is None
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    | st.sampled_from([K1.hex(), str(E1), WALL0]),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["a", "b", K1.hex(), "x"]) | st.text(max_size=8), inner,
+                      max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_load_clients_never_raises_on_any_json(raw: object) -> None:
+    """What a damaged clients.json can hold; whatever comes back is recent."""
+    now, wall = 100.0, WALL0 + 100.0
+    views = ag.load_clients(raw, ["a", "b"], now, wall)
+    for view in views.values():
+        for client in view.clients.values():
+            assert 0.0 <= now - client.handshake_at <= ag.RECENT
