@@ -11,10 +11,11 @@ costs only its clients' recovery speed, never the failover."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from natfail import jsonlimit
@@ -41,8 +42,11 @@ SAVE_EVERY: Final = 10.0
 """Seconds between writes of the clients file, when they changed."""
 
 
-def poll_interval(agents: int) -> float:
-    return max(POLL_INTERVAL, agents / POLLS_PER_SECOND)
+def poll_interval(agents: int, pair_interval: float | None = None) -> float:
+    """Seconds between sweeps; in a pair at most ``pair_interval`` (the
+    shortest probe interval): a follower learns of an activation within it."""
+    base = POLL_INTERVAL if pair_interval is None else min(POLL_INTERVAL, pair_interval)
+    return max(base, agents / POLLS_PER_SECOND)
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,9 @@ class AgentPolls:
         self._links: dict[bytes, AgentLink] = {}
         self._task: asyncio.Task[None] | None = None
         self._activations: set[asyncio.Task[None]] = set()
-        self._epoch = 0
         self._dirty = False
         self._saved_at = 0.0
+        self._poke = asyncio.Event()
         self.last: dict[tuple[str, str], Activation] = {}
         self.path = daemon.config.daemon.state_dir / CLIENTS_FILE
 
@@ -89,11 +93,6 @@ class AgentPolls:
         if link is None:
             link = self._links[key] = AgentLink(key, _Stamps())
         return link
-
-    def next_epoch(self) -> int:
-        """Grows with every activation, and across restarts with the clock."""
-        self._epoch = max(self._epoch + 1, time.time_ns() // 1_000_000)
-        return self._epoch
 
     # -- the clients file -----------------------------------------------------------
 
@@ -134,6 +133,10 @@ class AgentPolls:
         if any(rt.state.agents for rt in self._d.services.values()):
             self._task = asyncio.create_task(self._loop())
 
+    def poke(self) -> None:
+        """Sweep now (a change of role wants to know what the agents recorded)."""
+        self._poke.set()
+
     def ensure_started(self) -> None:
         """After a reload that may have added the first agent."""
         if self._task is None or self._task.done():
@@ -160,7 +163,13 @@ class AgentPolls:
                 self._task = None
                 return  # a reload that adds an agent starts the polls again
             elapsed = self._d.monotonic() - started
-            await asyncio.sleep(max(0.1, poll_interval(count) - elapsed))
+            pair = None
+            if self._d.config.daemon.pair:
+                pair = min(s.probe.interval for s in self._d.config.services)
+            wait = max(0.1, poll_interval(count, pair) - elapsed)
+            self._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), wait)
 
     async def sweep(self) -> int:
         """Polls every agent once and feeds the answers in; how many were polled."""
@@ -194,12 +203,19 @@ class AgentPolls:
                 outcome = ctl.agent_polled(state, backend, polled)
                 effects = (*before.effects, *outcome.effects) if before else outcome.effects
                 by_service[name] = ctl.Outcome(outcome.state, effects)
-                if self._d.metrics:
-                    view = outcome.state.agents[backend]
+                view = outcome.state.agents.get(backend)
+                if self._d.metrics and view is not None:
                     self._d.metrics.agent(name, backend, view.reachable, view.recent(polled.at))
-            await self._d.executor.carry_out(
-                [(self._d.services[n], o) for n, o in by_service.items() if n in self._d.services]
-            )
+            outcomes: list[tuple[ServiceRuntime, ctl.Outcome]] = []
+            now = self._d.monotonic()
+            for name, folded in by_service.items():
+                rt = self._d.services.get(name)
+                if rt is None:
+                    continue
+                settled = ctl.agents_polled(folded.state, now)
+                merged = replace(settled, effects=(*folded.effects, *settled.effects))
+                outcomes.append((rt, merged))
+            await self._d.executor.carry_out(outcomes)
         self.save()
         return len(jobs)
 
@@ -215,7 +231,7 @@ class AgentPolls:
         task.add_done_callback(self._activations.discard)
 
     async def _activate(self, link: AgentLink, effect: ctl.Activate) -> None:
-        epoch = self.next_epoch()
+        epoch = effect.epoch
         sent, started = time.time(), self._d.monotonic()
         replies = await link.activate(effect.agent, effect.server_public_key, epoch, effect.targets)
         elapsed = self._d.monotonic() - started

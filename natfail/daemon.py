@@ -40,6 +40,7 @@ from natfail.executor import Executor
 from natfail.firewall import Firewall
 from natfail.foreign import ForeignCheck
 from natfail.io import loop_errors
+from natfail.io.addresses import Addresses, AddressWatch
 from natfail.io.conntrack_worker import AsyncConntrack
 from natfail.io.control import ControlServer, RequestError
 from natfail.io.dataplane import Dataplane, DataplaneError
@@ -143,7 +144,9 @@ class Daemon:
         monotonic: Callable[[], float] = time.monotonic,
         watch_ruleset: WatchRuleset | None = None,
         check_interval: float | None = None,
+        addresses: AddressWatch | None = None,
     ) -> None:
+        """``addresses``: this gateway's own addresses, in a pair (``[daemon] pair``)."""
         self.config = config
         self.transport = transport
         self.notifier = notifier
@@ -171,6 +174,8 @@ class Daemon:
         self.foreign = ForeignCheck(self)
         self.requests = Requests(self)
         self.agent_polls = AgentPolls(self)
+        self.addresses = addresses
+        self._local: Addresses = frozenset()
         self.control = ControlServer(config.daemon.socket, self.requests.handle)
 
     @property
@@ -180,6 +185,34 @@ class Daemon:
     def save_state(self) -> str | None:
         """Writes the operator's wishes; the reason when that failed (logged), else None."""
         return self.state_file.save(rt.state for rt in self.services.values())
+
+    def role_of(self, service: cfg.Service) -> ctl.Role:
+        """In a pair, decide while holding the public address; else follow."""
+        if not self.config.daemon.pair:
+            return "single"
+        return "decide" if service.public.ip in self._local else "follow"
+
+    def _addresses_changed(self, addresses: Addresses) -> None:
+        self._local = addresses
+        task = asyncio.ensure_future(self._roles())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _roles(self) -> None:
+        """Carries out every service's change of role, in one batch."""
+        async with self.lock:
+            now = self.monotonic()
+            outcomes = []
+            for rt in self.services.values():
+                role = self.role_of(rt.service)
+                if role != rt.state.role:
+                    outcomes.append((rt, ctl.set_role(rt.state, role, now)))
+                    if self.metrics:
+                        self.metrics.role(rt.service.name, role)
+            if outcomes:
+                await self.executor.carry_out(outcomes)
+        if outcomes:
+            self.agent_polls.poke()  # what the agents recorded, now
 
     def actives(self) -> dict[str, str | None]:
         return {name: rt.state.active for name, rt in self.services.items()}
@@ -219,6 +252,8 @@ class Daemon:
         self.firewall.installed = installed
         adopted = ruleset.active_from(installed, self.config.services)
         keys = load_all_keys(self.config.services)
+        if self.addresses is not None:
+            self._local = await asyncio.to_thread(self.addresses.current)
         saved_clients = self.agent_polls.load()
         wall = time.time()
         for service in self.config.services:
@@ -229,6 +264,8 @@ class Daemon:
                 active=adopted.get(service.name),
                 pin=wishes.pin,
                 drained=wishes.drained,
+                epoch=wishes.epoch,
+                role=self.role_of(service),
                 agents=ag.load_clients(
                     saved_clients.get(service.name),
                     (b.name for b in service.backends if b.agent is not None),
@@ -267,6 +304,17 @@ class Daemon:
                 self.metrics.serve(host, port)
             self.prober.start()
             self.agent_polls.start()
+            if self.addresses is not None:
+                self.addresses.start(self._addresses_changed)
+                roles = [rt.state.role for rt in self.services.values()]
+                log.info(
+                    "pair: this gateway decides %d service(s) and follows %d",
+                    roles.count("decide"),
+                    roles.count("follow"),
+                )
+                if self.metrics:
+                    for rt in self.services.values():
+                        self.metrics.role(rt.service.name, rt.state.role)
             if self._watch_ruleset is not None:
                 watcher = self._watch_ruleset(self._reconcile_requested.set, self.firewall.own)
                 self._background.add(watcher)
@@ -282,6 +330,8 @@ class Daemon:
         finally:
             self.notifier.notify("STOPPING=1")
             await self.prober.stop()
+            if self.addresses is not None:
+                self.addresses.close()
             await self.agent_polls.stop()
             self.transport.close()
             for task in list(self._background):

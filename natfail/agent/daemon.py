@@ -50,6 +50,11 @@ class _Served:
     reading: Interface | None = None
     read_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    epoch: int = 0
+    """The highest activation epoch a gateway sent for this interface: the
+    gateways of a pair read it to agree on the active backend. Not kept
+    across a restart; the deciding gateway records it again when it sees it
+    missing."""
 
 
 def report_version(peers: list[tuple[bytes, str]]) -> int:
@@ -172,10 +177,14 @@ class Agent(asyncio.DatagramProtocol):
             clock_ns = time.time_ns()
             if version == decoded.version:
                 peers = []
-            pages = msg.paginate_report(version, clock_ns, tuple(peers))
+            pages = msg.paginate_report(version, clock_ns, tuple(peers), served.epoch)
             page = min(decoded.page, len(pages) - 1)
             return pages[page]
         targets = [(t.public_key, t.endpoint) for t in decoded.peers]
+        served.epoch = max(served.epoch, decoded.epoch)
+        if not targets:
+            # Only a record of who is active: nothing to bring over.
+            return msg.Activated(decoded.epoch, decoded.page, 0, 0, 0)
         async with served.lock:
             try:
                 done = await asyncio.to_thread(served.wireguard.activate, targets)

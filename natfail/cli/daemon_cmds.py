@@ -66,10 +66,12 @@ def _print_status(reply: dict[str, Any]) -> None:
         if index:
             print()
         pinned = " (pinned)" if service.get("pinned") else ""
+        role = service.get("role")
+        shown_role = f"  role {role}" if role in ("decide", "follow") else ""
         print(
             f"service {service.get('name')}  public {service.get('public')}  "
             f"active {service.get('active') or '-'}{pinned}  "
-            f"failovers {service.get('failovers', 0)}"
+            f"failovers {service.get('failovers', 0)}{shown_role}"
         )
         for warning in service.get("warnings") or []:
             print(f"  warning: {warning}")

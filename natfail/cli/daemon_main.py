@@ -91,6 +91,7 @@ def _run_locked(conf: Config) -> int:
 
     from natfail.daemon import Daemon
     from natfail.io import fdlimit, nft_monitor
+    from natfail.io.addresses import NetlinkAddressWatch
     from natfail.io.conntrack import NetlinkConntrack
     from natfail.io.conntrack_worker import ConntrackWorker
     from natfail.io.control import ControlError
@@ -136,6 +137,7 @@ def _run_locked(conf: Config) -> int:
         hooks=SubprocessHookRunner(),
         metrics=Metrics(),
         watch_ruleset=nft_monitor.start if conf.daemon.firewall == "nftables" else None,
+        addresses=NetlinkAddressWatch() if conf.daemon.pair else None,
     )
     try:
         return asyncio.run(daemon.run())

@@ -65,7 +65,7 @@ UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes, including the NUL
 
 # The known keys of each table, in the order the example file documents them.
 _ROOT_KEYS: Final = ("daemon", "probe", "service")
-_DAEMON_KEYS: Final = ("firewall", "socket", "state_dir", "metrics_listen")
+_DAEMON_KEYS: Final = ("firewall", "socket", "state_dir", "metrics_listen", "pair")
 _PROBE_KEYS: Final = ("private_key_file", "interval", "timeout", "rise", "fall")
 _SERVICE_KEYS: Final = (
     "name",
@@ -173,7 +173,8 @@ def _daemon(table: Table | None) -> DaemonSettings:
             parse_listen(metrics_listen)
         except ValueError as exc:
             raise table.invalid("metrics_listen", f'{exc} ("" turns metrics off)') from None
-    return DaemonSettings(firewall, socket, state_dir, metrics_listen)
+    pair = table.flag("pair", DEFAULT_DAEMON.pair)
+    return DaemonSettings(firewall, socket, state_dir, metrics_listen, pair)
 
 
 def _backend(table: Table, public: Endpoint) -> Backend:
@@ -192,11 +193,16 @@ def _backend(table: Table, public: Endpoint) -> Backend:
     return Backend(name, address, priority, agent)
 
 
-def _backends(service: Table, public: Endpoint) -> tuple[Backend, ...]:
+def _backends(service: Table, public: Endpoint, pair: bool) -> tuple[Backend, ...]:
     tables = service.tables("backend", "[[service.backend]]", _BACKEND_KEYS)
     backends: list[Backend] = []
     for table in tables:
         backend = _backend(table, public)
+        if pair and backend.agent is None:
+            # The two gateways agree on the active backend through the agents.
+            raise table.invalid(
+                "agent", "missing: [daemon] pair = true needs an agent on every backend"
+            )
         for other in backends:
             if other.name == backend.name:
                 raise table.invalid("name", f"duplicate backend name {backend.name!r}")
@@ -208,7 +214,7 @@ def _backends(service: Table, public: Endpoint) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
-def _service(table: Table, default_probe: ProbeSettings) -> Service:
+def _service(table: Table, default_probe: ProbeSettings, pair: bool) -> Service:
     # Checked in the order the keys are documented, so the first error a
     # user sees is the first one in the file.
     name = _name(table)
@@ -224,11 +230,11 @@ def _service(table: Table, default_probe: ProbeSettings) -> Service:
         source_nat=table.choice("source_nat", SOURCE_NATS, DEFAULT_SOURCE_NAT),
         notify=table.optional_path("notify", None),
         probe=_probe(table.sub("probe", _PROBE_KEYS), default_probe),
-        backends=_backends(table, public),
+        backends=_backends(table, public, pair),
     )
 
 
-def _services(root: Table, default_probe: ProbeSettings) -> tuple[Service, ...]:
+def _services(root: Table, default_probe: ProbeSettings, pair: bool) -> tuple[Service, ...]:
     services: list[Service] = []
     # Indexes of what earlier services took, so a thousand services are
     # checked in linear time; the first conflict in file order is reported.
@@ -236,7 +242,7 @@ def _services(root: Table, default_probe: ProbeSettings) -> tuple[Service, ...]:
     by_public: dict[Endpoint, int] = {}
     by_address: dict[Endpoint, tuple[int, str]] = {}
     for table in root.tables("service", "[[service]]", _SERVICE_KEYS):
-        service = _service(table, default_probe)
+        service = _service(table, default_probe, pair)
         conflicts: list[tuple[int, int, int]] = []  # (earlier service, kind, backend index)
         if service.name in by_name:
             conflicts.append((by_name[service.name], 0, 0))
@@ -277,7 +283,7 @@ def build(data: object, path: Path) -> Config:
     root = Table(data, (), _ROOT_KEYS, _base_dir(path))
     daemon = _daemon(root.sub("daemon", _DAEMON_KEYS))
     probe = _probe(root.sub("probe", _PROBE_KEYS), DEFAULT_PROBE)
-    services = _services(root, probe)
+    services = _services(root, probe, daemon.pair)
     problems = ruleset.validate(services)
     if problems:
         raise Invalid(("service",), problems[0])

@@ -99,6 +99,14 @@ class Table:
             raise self.invalid(key, f"must be {wanted}, got {_show_number(value)}")
         return seconds
 
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            raise self.invalid(key, f"must be true or false, got {show(str(value))}")
+        return value
+
     def choice(self, key: str, choices: tuple[_L, ...], default: _L) -> _L:
         value = self.text(key, default)
         for choice in choices:

@@ -15,7 +15,7 @@ and reply kinds differ, so a reply is never taken for a request or back::
 
     Poll       01 01  version u64  page u32                               14 bytes
     Activate   01 02  epoch u64  page u32  pages u32  count u16  Target * count
-    Report     01 03  version u64  clock_ns i64  page u32  pages u32
+    Report     01 03  version u64  clock_ns i64  epoch u64  page u32  pages u32
                       count u16  ReportedPeer * count
     Activated  01 04  epoch u64  page u32  known u32  initiated u32
                       elapsed_us u64                                     30 bytes
@@ -34,7 +34,7 @@ No message carries a private or preshared key: no type here has a field
 for one.
 
 Paging. A page holds at most ``PAGE_PEERS`` = 1000 peers: a full page of
-IPv6 peers is 28 + 1000 * 55 = 55028 bytes (a report) or 20 + 1000 * 51 =
+IPv6 peers is 36 + 1000 * 55 = 55036 bytes (a report) or 20 + 1000 * 51 =
 51020 bytes (an activation), under the channel's limit (``MAX_DATAGRAM``
 less the channel's 76 or 148 bytes); the module checks this on import. A
 service's thousand clients therefore fit in one exchange, and more take one
@@ -53,6 +53,10 @@ exchange per page. How the pages are meant to be used:
   without resending the peers.
 - ``clock_ns`` is the agent's wall clock (Unix ns) when it built the reply;
   signed, so a clock set before 1970 still reports as the skew it is.
+- ``Report.epoch`` is the highest activation epoch the interface has
+  recorded (0: none): the backend whose agent holds the highest epoch of a
+  service is the one the deciding gateway made active last, which a
+  following gateway of a pair reads.
 - Every page of an activation carries the same ``epoch``; ``Activated``
   answers one page (``known``: how many of its peers the agent has on its
   interfaces, ``initiated``: how many handshakes it started,
@@ -105,7 +109,7 @@ _I64_MAX: Final = 2**63 - 1
 
 _POLL = struct.Struct(">BBQI")
 _ACTIVATE = struct.Struct(">BBQIIH")
-_REPORT = struct.Struct(">BBQqIIH")
+_REPORT = struct.Struct(">BBQqQIIH")
 _ACTIVATED = struct.Struct(">BBQIIIQ")
 _PORT = struct.Struct(">H")
 _AGE = struct.Struct(">I")
@@ -191,10 +195,13 @@ class Report:
     peers: tuple[ReportedPeer, ...]
     page: int
     pages: int
+    epoch: int = 0
+    """The highest activation epoch the interface recorded (0: none)."""
 
     def __post_init__(self) -> None:
         _check_int("version", self.version, 0, _U64)
         _check_int("clock_ns", self.clock_ns, _I64_MIN, _I64_MAX)
+        _check_int("epoch", self.epoch, 0, _U64)
         if not isinstance(self.peers, tuple) or not all(
             isinstance(peer, ReportedPeer) for peer in self.peers
         ):
@@ -247,12 +254,16 @@ def _pages(count: int) -> int:
     return max(1, -(-count // PAGE_PEERS))
 
 
-def paginate_report(version: int, clock_ns: int, peers: Sequence[ReportedPeer]) -> list[Report]:
+def paginate_report(
+    version: int, clock_ns: int, peers: Sequence[ReportedPeer], epoch: int = 0
+) -> list[Report]:
     """The report in pages of at most ``PAGE_PEERS`` peers, in order; one
     empty page when there are no peers."""
     pages = _pages(len(peers))
     return [
-        Report(version, clock_ns, tuple(peers[i * PAGE_PEERS : (i + 1) * PAGE_PEERS]), i, pages)
+        Report(
+            version, clock_ns, tuple(peers[i * PAGE_PEERS : (i + 1) * PAGE_PEERS]), i, pages, epoch
+        )
         for i in range(pages)
     ]
 
@@ -292,6 +303,7 @@ def encode(message: Message) -> bytes:
             KIND_REPORT,
             message.version,
             message.clock_ns,
+            message.epoch,
             message.page,
             message.pages,
             len(message.peers),
@@ -384,14 +396,14 @@ def decode_reply(data: bytes | bytearray | memoryview) -> Report | Activated | N
         if data[1] == KIND_REPORT:
             if len(data) < _REPORT.size:
                 return None
-            _, _, version, clock_ns, page, pages, count = _REPORT.unpack_from(data)
+            _, _, version, clock_ns, epoch, page, pages, count = _REPORT.unpack_from(data)
             if count > PAGE_PEERS:
                 return None
             entries = _read_entries(data, _REPORT.size, count, with_age=True)
             if entries is None:
                 return None
             peers = tuple(ReportedPeer(k, e, age) for k, e, age in entries)
-            return Report(version, clock_ns, peers, page, pages)
+            return Report(version, clock_ns, peers, page, pages, epoch)
         if data[1] == KIND_ACTIVATED:
             if len(data) != _ACTIVATED.size:
                 return None

@@ -53,6 +53,8 @@ class AgentView:
     skew: float | None = None
     """Seconds the agent's clock is ahead of the gateway's (negative: behind)."""
     clients: Mapping[bytes, Client] = field(default_factory=dict)
+    epoch: int = 0
+    """The highest activation epoch the agent recorded (0: none known)."""
 
     def recent(self, now: float) -> int:
         return sum(1 for c in self.clients.values() if now - c.handshake_at <= RECENT)
@@ -78,15 +80,15 @@ def observe(view: AgentView, polled: Polled) -> AgentView:
     first = polled.reports[0]
     skew = first.clock_ns / 1e9 - polled.wall
     if first.version == view.version:
-        # The agent's report is still the one held: only its clock is news.
-        return replace(view, reachable=True, answered=True, missed=0, skew=skew)
+        # The agent's report is still the one held: only its clock and epoch are news.
+        return replace(view, reachable=True, answered=True, missed=0, skew=skew, epoch=first.epoch)
     clients: dict[bytes, Client] = {}
     for report in polled.reports:
         for peer in report.peers:
             clients[peer.public_key] = Client(
                 peer.endpoint, polled.at - peer.handshake_age_ms / 1000
             )
-    return AgentView(True, True, 0, first.version, skew, clients)
+    return AgentView(True, True, 0, first.version, skew, clients, first.epoch)
 
 
 def targets(views: Iterable[AgentView], now: float) -> tuple[msg.Target, ...]:
@@ -103,6 +105,24 @@ def targets(views: Iterable[AgentView], now: float) -> tuple[msg.Target, ...]:
         for key, c in sorted(newest.items())
         if now - c.handshake_at <= RECENT
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    backend: str
+    epoch: int
+
+
+def recorded(views: Mapping[str, AgentView]) -> Recorded | None:
+    """The backend a deciding gateway activated last, as the agents recorded
+    it: the highest epoch wins (a tie, which only two deciders at once can
+    make, goes to the first name, so both gateways read the same)."""
+    best: Recorded | None = None
+    for name in sorted(views):
+        epoch = views[name].epoch
+        if epoch > 0 and (best is None or epoch > best.epoch):
+            best = Recorded(name, epoch)
+    return best
 
 
 def skew_spread(views: Mapping[str, AgentView]) -> tuple[str, str, float] | None:

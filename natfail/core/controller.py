@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from natfail.core import agent_messages as msg
 from natfail.core import agents as ag
@@ -31,6 +31,11 @@ from natfail.core.model import Backend, Endpoint, Service
 from natfail.core.ruleset import backend_mark
 
 # -- the state -------------------------------------------------------------------------
+
+Role: TypeAlias = Literal["single", "decide", "follow"]
+"""``single``: the only gateway (``pair = false``). In a pair, ``decide`` while
+this gateway holds the service's public address, else ``follow``: install
+what the deciding gateway activated, as the backends' agents recorded it."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,13 @@ class ServiceState:
     older keys says nothing about the backend."""
     agents: Mapping[str, ag.AgentView] = field(default_factory=dict)
     """What the agents of the backends that have one said, by backend."""
+    role: Role = "single"
+    epoch: int = 0
+    """The epoch of the active backend's activation, as far as this gateway
+    knows (its own, or the one the agents recorded)."""
+    polled: bool = False
+    """The agents were polled once since start (a pair's decider makes no
+    first choice before it knows what the agents recorded)."""
 
     @classmethod
     def initial(
@@ -60,6 +72,8 @@ class ServiceState:
         pin: sel.Pin | None = None,
         drained: frozenset[str] = frozenset(),
         agents: Mapping[str, ag.AgentView] | None = None,
+        role: Role = "single",
+        epoch: int = 0,
     ) -> ServiceState:
         names = {b.name for b in service.backends}
         with_agent = {b.name for b in service.backends if b.agent is not None}
@@ -158,6 +172,8 @@ class Activate:
     agent: Endpoint
     server_public_key: bytes
     targets: tuple[msg.Target, ...]
+    epoch: int
+    """Grows with every activation; the agents keep the highest."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +298,10 @@ def observe_round(state: ServiceState, probe_round: Round) -> Outcome:
 
 def decide(state: ServiceState, now: float) -> Outcome:
     """Which backend carries the service now, and what it takes to get there."""
+    if state.role == "follow":
+        return _follow(state, now)
+    if state.role == "decide" and state.active is None and not state.polled:
+        return Outcome(state)  # what did the other gateway activate? the first poll tells
     service = state.service
     decision = sel.select(
         state.candidates(),
@@ -325,25 +345,36 @@ def _move(
     *,
     kept: ServiceState,
     now: float,
+    activate: bool = True,
 ) -> Outcome:
+    """``activate``: False where the move only installs what the agents
+    already recorded (a follower, a decider adopting it)."""
     service = state.service
     previous = state.active
     target = service.backend(active)
     assert target is not None, "the selector chose a backend the service does not have"
+    activate = activate and target.agent is not None
+    epoch = next_epoch(state) if activate else state.epoch
     moved = replace(
-        state, active=active, failovers=state.failovers + (1 if previous is not None else 0)
+        state,
+        active=active,
+        failovers=state.failovers + (1 if previous is not None else 0),
+        epoch=epoch,
     )
     after: list[Effect] = []
     old = service.backend(previous) if previous is not None else None
     if old is not None:
         after.append(Cleanup.of(service, old))
-    # The first choice brings nobody over: whoever talks to the service
-    # already talks to that backend (or to none).
-    if target.agent is not None and previous is not None:
-        clients = ag.targets(state.agents.values(), now)
-        if clients:
+    if activate and target.agent is not None:
+        # The first choice brings nobody over: whoever talks to the service
+        # already talks to that backend (or to none). A pair's decider still
+        # records every choice, for the other gateway to follow.
+        clients = ag.targets(state.agents.values(), now) if previous is not None else ()
+        if clients or state.role == "decide":
             after.append(
-                Activate(state.name, active, target.agent, service.server_public_key, clients)
+                Activate(
+                    state.name, active, target.agent, service.server_public_key, clients, epoch
+                )
             )
     after += [Switched(state.name, previous, active, reason, target.address), SaveState()]
     return Outcome(moved, effects, Transaction(state.name, active), tuple(after), kept=kept)
@@ -382,6 +413,11 @@ def command(state: ServiceState, request: Request, now: float) -> Commanded | Re
     refuses the move, everything goes back as it was (``kept``): nothing is
     left to happen later without the operator."""
     name = state.name
+    if state.role == "follow":
+        return Refused(
+            f"{name}: this gateway follows the other one (it does not hold "
+            f"{state.service.public.ip}); run the command there"
+        )
     if request.command == "release":
         if state.pin is None:
             return Commanded(Outcome(state), f"{name}: not pinned")
@@ -471,3 +507,81 @@ def agent_polled(state: ServiceState, backend: str, polled: ag.Polled) -> Outcom
             )
         )
     return Outcome(replace(state, agents=agents), tuple(effects))
+
+
+def next_epoch(state: ServiceState) -> int:
+    """Above every epoch this gateway made or an agent recorded."""
+    return max(state.epoch, *(v.epoch for v in state.agents.values()), 0) + 1
+
+
+def _follow(state: ServiceState, now: float) -> Outcome:
+    """A follower installs what the agents recorded, and decides nothing."""
+    record = ag.recorded(state.agents)
+    if record is None:
+        return Outcome(state)
+    if record.backend == state.active:
+        return Outcome(replace(state, epoch=max(state.epoch, record.epoch)))
+    following = replace(state, epoch=max(state.epoch, record.epoch))
+    return _move(following, record.backend, "follow", (), kept=state, now=now, activate=False)
+
+
+def agents_polled(state: ServiceState, now: float) -> Outcome:
+    """After a sweep of polls (see :func:`agent_polled` for each one): a
+    follower follows; a pair's decider adopts what the agents recorded when
+    it has nothing yet, and records its choice again where an agent lost it
+    (a restarted agent) or another decider's is newer (two masters at once)."""
+    polled = replace(state, polled=True)
+    if state.role == "follow":
+        return _follow(polled, now)
+    if state.role != "decide":
+        return Outcome(polled)
+    record = ag.recorded(state.agents)
+    if state.active is None:
+        if record is None:
+            return decide(polled, now)
+        adopted = replace(polled, epoch=max(state.epoch, record.epoch))
+        return _move(adopted, record.backend, "adopted", (), kept=polled, now=now, activate=False)
+    active = state.service.backend(state.active)
+    view = state.agents.get(state.active)
+    if active is None or active.agent is None or view is None or not view.reachable:
+        return Outcome(polled)
+    if record is not None and record.backend == state.active and view.epoch >= state.epoch:
+        return Outcome(replace(polled, epoch=record.epoch))
+    newer = record is not None and record.backend != state.active
+    epoch = next_epoch(state) if newer else max(state.epoch, 1)
+    effects: list[Effect] = []
+    if newer:
+        assert record is not None
+        effects.append(
+            Log(
+                logging.WARNING,
+                f"{state.name}: backend {record.backend} carries a newer activation "
+                f"(epoch {record.epoch}) than {state.active}, which this gateway decided: "
+                "another gateway decided too; recording the choice again",
+            )
+        )
+    effects.append(
+        Activate(state.name, state.active, active.agent, state.service.server_public_key, (), epoch)
+    )
+    return Outcome(replace(polled, epoch=epoch), tuple(effects))
+
+
+def set_role(state: ServiceState, role: Role, now: float) -> Outcome:
+    """This gateway gained or lost the service's public address."""
+    if role == state.role:
+        return Outcome(state)
+    if role == "decide" and state.active is not None:
+        # A takeover keeps the backend the other gateway chose: this gateway's
+        # own view of it may be stale (a path cut for a while), so the active
+        # backend gets a fresh verdict before anything moves.
+        health = {**state.health, state.active: hl.BackendHealth.initial(now)}
+        taken = replace(state, role=role, health=health)
+        message = f"{state.name}: this gateway now decides; keeping backend {state.active}"
+    elif role == "decide":
+        taken = replace(state, role=role)
+        message = f"{state.name}: this gateway now decides"
+    else:
+        taken = replace(state, role=role)
+        message = f"{state.name}: this gateway now follows the other one"
+    outcome = decide(taken, now)
+    return replace(outcome, effects=(Log(logging.WARNING, message), *outcome.effects))

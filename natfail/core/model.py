@@ -185,6 +185,7 @@ class DaemonSettings:
     socket: Path = Path("/run/natfail/natfail.sock")
     state_dir: Path = Path("/var/lib/natfail")
     metrics_listen: str = ""  # "" = no metrics endpoint
+    pair: bool = False  # one of a keepalived pair: decide only while holding the public address
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ VERSION = 1
 class Wishes:
     pin: sel.Pin | None = None
     drained: frozenset[str] = frozenset()
+    epoch: int = 0
 
 
 def dump(states: Iterable[ServiceState]) -> bytes:
@@ -33,6 +34,7 @@ def dump(states: Iterable[ServiceState]) -> bytes:
             "pin": pin,
             "drained": sorted(state.drained),
             "active": state.active,
+            "epoch": state.epoch,
         }
     return json.dumps({"version": VERSION, "services": services}, indent=1).encode()
 
@@ -62,4 +64,8 @@ def wishes(saved: Any, service: Service) -> Wishes:
     pin = None
     if isinstance(pin_raw, dict) and pin_raw.get("backend") in names:
         pin = sel.Pin(str(pin_raw["backend"]), bool(pin_raw.get("armed", True)))
-    return Wishes(pin, drained)
+    raw_epoch = saved.get("epoch")
+    epoch = 0
+    if isinstance(raw_epoch, int) and not isinstance(raw_epoch, bool) and 0 <= raw_epoch < 2**64:
+        epoch = raw_epoch
+    return Wishes(pin, drained, epoch)

@@ -70,6 +70,7 @@ def render(
                 "active": state.active,
                 "pinned": state.pin is not None,
                 "failovers": state.failovers,
+                "role": state.role,
                 "backends": backends,
                 "warnings": [
                     *foreign_warning(state.service.public, foreign.get(state.name, {})),

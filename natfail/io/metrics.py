@@ -350,6 +350,13 @@ class Metrics:
             ["service", "backend"],
             registry=self.registry,
         )
+        self.deciding = Gauge(
+            "natfail_deciding",
+            "1 while this gateway decides the service (single, or the pair member "
+            "holding its public address), 0 while it follows the other",
+            ["service"],
+            registry=self.registry,
+        )
         self._listener: _Listener | None = None
 
     def serve(self, host: str, port: int) -> None:
@@ -403,6 +410,9 @@ class Metrics:
         else:
             self.activations_unanswered.labels(service, backend).inc()
 
+    def role(self, service: str, role: str) -> None:
+        self.deciding.labels(service).set(0 if role == "follow" else 1)
+
     def forget(self, service: str) -> None:
         """Drop a removed service's series, so a reload leaves no ghosts."""
         metrics: tuple[Gauge | Counter, ...] = (
@@ -416,6 +426,7 @@ class Metrics:
             self.activation_seconds,
             self.peers_activated,
             self.activations_unanswered,
+            self.deciding,
         )
         for metric in metrics:
             # prometheus_client has no public way to list a metric's label sets.

@@ -52,7 +52,9 @@ def paging(draw: st.DrawFn) -> tuple[int, int]:
 def reports(draw: st.DrawFn) -> Report:
     page, pages = draw(paging())
     peers = tuple(draw(st.lists(reported, max_size=6)))
-    return Report(draw(U64), draw(st.integers(-(2**63), 2**63 - 1)), peers, page, pages)
+    return Report(
+        draw(U64), draw(st.integers(-(2**63), 2**63 - 1)), peers, page, pages, draw(U64)
+    )
 
 
 @st.composite
@@ -90,9 +92,18 @@ def test_activated_layout() -> None:
 
 
 def test_report_layout() -> None:
-    report = Report(3, -1, (ReportedPeer(KEY, V4, 1500), ReportedPeer(KEY, V6, 0)), 1, 2)
+    report = Report(3, -1, (ReportedPeer(KEY, V4, 1500), ReportedPeer(KEY, V6, 0)), 1, 2, 9)
     raw = encode(report)
-    head = hx("01", "03", "0000000000000003", "ffffffffffffffff", "00000001", "00000002", "0002")
+    head = hx(
+        "01",
+        "03",
+        "0000000000000003",
+        "ffffffffffffffff",
+        "0000000000000009",
+        "00000001",
+        "00000002",
+        "0002",
+    )
     v4 = KEY + hx("04", "c6336407", "9c40", "000005dc")
     v6 = KEY + hx("06", "20010db8000000000000000000000007", "0001", "00000000")
     assert raw == head + v4 + v6
@@ -139,10 +150,10 @@ def test_bad_fields_are_refused() -> None:
 
 def test_count_over_a_page_is_refused_before_parsing() -> None:
     one = encode(Report(1, 2, (ReportedPeer(KEY, V4, 0),), 0, 1))
-    head = one[:26] + (PAGE_PEERS + 1).to_bytes(2, "big")
-    entry = one[28:]
+    head = one[:34] + (PAGE_PEERS + 1).to_bytes(2, "big")
+    entry = one[36:]
     assert decode_reply(head + entry * (PAGE_PEERS + 1)) is None
-    at_limit = one[:26] + PAGE_PEERS.to_bytes(2, "big") + entry * PAGE_PEERS
+    at_limit = one[:34] + PAGE_PEERS.to_bytes(2, "big") + entry * PAGE_PEERS
     decoded = decode_reply(at_limit)
     assert isinstance(decoded, Report) and len(decoded.peers) == PAGE_PEERS
 
@@ -161,6 +172,8 @@ def test_count_over_a_page_is_refused_before_parsing() -> None:
         lambda: Report(1, 2**63, (), 0, 1),
         lambda: Report(1, 0, (), 1, 1),
         lambda: Report(1, 0, (), 0, 0),
+        lambda: Report(1, 0, (), 0, 1, -1),
+        lambda: Report(1, 0, (), 0, 1, 2**64),
         lambda: Report(1, 0, [ReportedPeer(KEY, V4, 0)], 0, 1),  # type: ignore[arg-type]
         lambda: Report(1, 0, (Target(KEY, V4),), 0, 1),  # type: ignore[arg-type]
         lambda: Report(1, 0, (ReportedPeer(KEY, V4, 0),) * (PAGE_PEERS + 1), 0, 1),
@@ -221,7 +234,7 @@ def test_a_full_page_of_ipv6_peers_fits_the_channel() -> None:
     activate = Activate(1, (Target(KEY, V6),) * PAGE_PEERS, 0, 1)
     report = Report(1, 0, (ReportedPeer(KEY, V6, 2**32 - 1),) * PAGE_PEERS, 0, 1)
     assert len(encode(activate)) == 20 + PAGE_PEERS * 51
-    assert len(encode(report)) == 28 + PAGE_PEERS * 55
+    assert len(encode(report)) == 36 + PAGE_PEERS * 55
     datagram, pending = ch.new_request(
         gateway, noise.public_key(agent), encode(activate), bytes(12)
     )

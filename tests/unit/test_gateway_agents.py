@@ -305,8 +305,14 @@ def test_a_failover_activates_the_new_backends_agent_after_the_cleanup() -> None
     kinds = [type(e) for e in outcome.after]
     assert kinds == [ctl.Cleanup, ctl.Activate, ctl.Switched, ctl.SaveState]
     assert outcome.after[1] == ctl.Activate(
-        "wg0", "b", AGENT_B, SERVER_KEY, (msg.Target(K1, E1), msg.Target(K2, E2))
+        "wg0",
+        "b",
+        AGENT_B,
+        SERVER_KEY,
+        (msg.Target(K1, E1), msg.Target(K2, E2)),
+        state.epoch + 1,
     )
+    assert outcome.state.epoch == state.epoch + 1
     # nothing is activated when the firewall refuses the move
     assert not any(isinstance(e, ctl.Activate) for e in (*outcome.effects, *outcome.failed))
 
