@@ -12,7 +12,12 @@ and sent. A round counts only if the veth sent at least N packets by the time ``
 Target: 1000 peers within 100 ms. For scale the file also records
 wireguard-go's own floor (a keepalive kick of every fresh peer in one
 transaction, no removal: the initiations alone, which wireguard-go builds and
-sends one after the other under its UAPI lock) and one X25519 on this machine.
+sends one after the other under its UAPI lock), one X25519 on this machine,
+and per round the CPU time wireguard-go spent (all its threads, from
+/proc/PID/task/*/schedstat) and the agent's own thread spent: wall time on a
+busy machine is wait; the CPU times show where an activation's work is. The
+load average at the start is recorded too: other jobs on the machine slow
+every figure but the CPU times.
 
 Writes bench/results/activation.json. Usage (root):
     .venv/bin/python bench/bench_activation.py [-r ROUNDS] [--sizes 10,100,1000]
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import socket
 import statistics
@@ -65,6 +71,17 @@ def uapi_set(path: Path, text: str) -> None:
         raise RuntimeError(f"setup refused: {answer!r}")
 
 
+def cpu_ms(pid: int) -> float:
+    """The CPU time all threads of process ``pid`` have had, in ms."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that just ended
+            continue
+    return total / 1e6
+
+
 def tx_packets(ns: str, ifname: str) -> int:
     out = run(["ip", "-n", ns, "-s", "-j", "link", "show", ifname]).stdout
     return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
@@ -103,14 +120,22 @@ def measure(ns: str, tag: str, size: int, rounds: int, workdir: Path) -> dict[st
             raise RuntimeError(f"{size} peers: the floor kick sent too few packets")
         time.sleep(0.3)
         iface = wgmod.Uapi(ifname)
+        if proc.proc is None:
+            raise RuntimeError("wireguard-go did not start")
+        pid = proc.proc.pid  # ip netns exec execs wireguard-go: its own pid
         reads: list[float] = []
         elapsed: list[float] = []
+        wg_cpu: list[float] = []
+        agent_cpu: list[float] = []
         for _ in range(rounds):
             start = time.monotonic()
             iface.read()
             reads.append(time.monotonic() - start)
             before = tx_packets(ns, "d0")
+            wg_before, agent_before = cpu_ms(pid), time.thread_time()
             result = iface.activate(targets)
+            agent_cpu.append((time.thread_time() - agent_before) * 1000)
+            wg_cpu.append(cpu_ms(pid) - wg_before)
             sent = tx_packets(ns, "d0") - before
             if result.known != size or result.initiated != size or sent < size:
                 raise RuntimeError(f"{size} peers: {result} but {sent} packets sent")
@@ -123,6 +148,8 @@ def measure(ns: str, tag: str, size: int, rounds: int, workdir: Path) -> dict[st
             "min_ms": round(min(elapsed) * 1000, 1),
             "max_ms": round(max(elapsed) * 1000, 1),
             "read_median_ms": round(statistics.median(reads) * 1000, 1),
+            "wireguard_go_cpu_median_ms": round(statistics.median(wg_cpu), 1),
+            "agent_cpu_median_ms": round(statistics.median(agent_cpu), 1),
             "wireguard_go_kick_only_ms": round(floor * 1000, 1),
             "target_ms": TARGET_MS.get(size),
         }
@@ -148,6 +175,7 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     tag = secrets.token_hex(3)
     ns = f"agwbench{tag}"
+    load = os.getloadavg()[0]
     run(["ip", "netns", "add", ns])
     try:
         ip_batch(
@@ -172,9 +200,10 @@ def main() -> int:
         "benchmark": "activation",
         "what": "Uapi.activate of N peers on wireguard-go, call to last answer",
         "batch_size": wgmod.BATCH_SIZE,
-        "batch_pause_ms": wgmod.BATCH_PAUSE * 1000,
+        "batch_pause_ms": wgmod.UAPI_BATCH_PAUSE * 1000,
         "wireguard_go": wg_version,
         "machine": machine(),
+        "load_average_1min": round(load, 2),
         "x25519_us": x25519_us(),
         "sizes": figures,
     }
@@ -182,7 +211,8 @@ def main() -> int:
     for f in figures:
         print(
             f"{f['peers']:>5} peers: median {f['median_ms']} ms (read {f['read_median_ms']} ms, "
-            f"wireguard-go kick alone {f['wireguard_go_kick_only_ms']} ms)"
+            f"wireguard-go kick alone {f['wireguard_go_kick_only_ms']} ms; CPU: wireguard-go "
+            f"{f['wireguard_go_cpu_median_ms']} ms, agent {f['agent_cpu_median_ms']} ms)"
         )
     return 0
 

@@ -39,9 +39,26 @@ Activation, from the sources of wireguard-go (``device/uapi.go``, ``send.go``,
   not cancel). Turning it off in the re-adding section itself would not work:
   only the last value of a section counts.
 
-One transaction per batch of at most :data:`BATCH_SIZE` peers, with a short pause
-between batches, because the replies come back together: the kernel demands
-cookies above 512 queued handshakes, wireguard-go above 128.
+One transaction per batch of at most :data:`BATCH_SIZE` peers. Through ``wg`` (the
+kernel) a short pause separates two batches, because the kernel hands the
+initiations to its workers at once and the replies come back together: it
+demands cookies above 512 queued handshakes. wireguard-go needs no pause: it
+builds and sends each initiation in turn, synchronously, inside the ``set=1``
+(measured on a 2-vCPU Xeon VM: about 100 us of its CPU per initiation, two
+X25519, and 70 us per re-add, one X25519 for the static-static DH; the
+removal and the keepalive restore cost a few us), so its replies come back
+paced by its own work, one at a time, and a pause between batches changes
+nothing about that rate: it would only leave wireguard-go idle. That serial
+work, about 170 us a peer under wireguard-go's UAPI lock, is nearly all of
+an activation's time (``bench/bench_activation.py``).
+
+Through UAPI the agent's own work hides behind wireguard-go's: ``activate``
+reads the interface once, indexes the answer by public key (:func:`uapi_index`)
+and parses only the target peers' sections, each batch's while wireguard-go
+carries out the previous one (:meth:`Uapi.activate`). The transactions stay
+strictly one after the other. One connection per transaction: wireguard-go
+v0.0.20220316 reads a ``set=1`` through a ``bufio.Scanner`` that reads ahead,
+so a second request pipelined on the same connection would be lost.
 
 Never reported, logged or put in an exception: private and preshared keys
 (``Interface.private_key`` and ``Peer.preshared_key`` are ``repr=False``)."""
@@ -57,7 +74,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Protocol
@@ -73,7 +90,8 @@ KEY_LEN: Final = 32
 NO_KEY: Final = bytes(KEY_LEN)  # WireGuard's "no preshared key"
 RECENT_WINDOW: Final = 180.0  # REJECT_AFTER_TIME: an older keypair is dead anyway
 BATCH_SIZE: Final = 256
-BATCH_PAUSE: Final = 0.002  # seconds between two batches of an activation
+BATCH_PAUSE: Final = 0.002  # seconds between two batches of an activation through `wg`
+UAPI_BATCH_PAUSE: Final = 0.0  # wireguard-go paces its initiations itself (module docstring)
 KICK_KEEPALIVE: Final = 25  # the non-zero keepalive a re-added peer briefly gets
 IO_TIMEOUT: Final = 5.0  # seconds for one UAPI transaction or one `wg` run
 UAPI_LIMIT: Final = 256 * 1024 * 1024  # a get of 2**20 peers with a few prefixes each
@@ -83,6 +101,7 @@ _HEX_KEY_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 _B64_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/]{43}=")
 _UINT_RE: Final = re.compile(r"[0-9]{1,20}")
 _ERRNO_RE: Final = re.compile(rb"errno=(-?[0-9]{1,10})")
+_FIRST_PEER_RE: Final = re.compile(r"^public_key=", re.MULTILINE)
 # Statistics and fields the model has no use for; any other peer key is a
 # setting this module does not know, and a peer with one is never re-added.
 _IGNORED_PEER_KEYS: Final = frozenset({"protocol_version", "tx_bytes", "rx_bytes"})
@@ -289,10 +308,35 @@ class _Draft:
         )
 
 
+class _Device:
+    """The device lines of a UAPI answer, the ones before the first peer."""
+
+    __slots__ = ("name", "port", "private")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.private = NO_KEY
+        self.port = 0
+
+    def line(self, number: int, key: str, value: str) -> None:
+        if key == "private_key":
+            key_bytes = _hex_key(value)
+            if key_bytes is None:
+                raise WireGuardError(
+                    self.name, f"UAPI answer line {number}: private_key is not hex"
+                )
+            self.private = key_bytes
+        elif key == "listen_port":
+            listen = _uint(value, 65535)
+            if listen is None:
+                raise WireGuardError(self.name, f"UAPI answer line {number}: bad listen_port")
+            self.port = listen
+        # fwmark and any device key of a fork (amneziawg's jc, ...) do not matter here
+
+
 def parse_uapi(name: str, text: str) -> Interface:
     """The body of a UAPI ``get=1`` answer (without its ``errno=`` line)."""
-    private = NO_KEY
-    port = 0
+    device = _Device(name)
     peers: list[Peer] = []
     seen: set[bytes] = set()
     draft: _Draft | None = None
@@ -315,19 +359,64 @@ def parse_uapi(name: str, text: str) -> Interface:
         elif draft is not None:
             if key not in _IGNORED_PEER_KEYS:
                 draft.line(key, value)
-        elif key == "private_key":
-            key_bytes = _hex_key(value)
-            if key_bytes is None:
-                raise WireGuardError(name, f"UAPI answer line {number}: private_key is not hex")
-            private = key_bytes
-        elif key == "listen_port":
-            listen = _uint(value, 65535)
-            if listen is None:
-                raise WireGuardError(name, f"UAPI answer line {number}: bad listen_port")
-            port = listen
-        # fwmark and any device key of a fork (amneziawg's jc, ...) do not matter here
+        else:
+            device.line(number, key, value)
     finish()
-    return Interface(name, private, _public_of(name, private), port, tuple(peers))
+    private = device.private
+    return Interface(name, private, _public_of(name, private), device.port, tuple(peers))
+
+
+def uapi_index(name: str, text: str) -> dict[bytes, list[str]]:
+    """The same answer as :func:`parse_uapi` reads, for an activation: each
+    peer's public key mapped to the rest of its section (the text after its
+    ``public_key=`` line; a list, in order, should a key come twice), without
+    reading any peer's settings yet: :func:`section_peer` reads one, so only
+    the peers an activation needs cost anything. Raises what ``parse_uapi``
+    raises, in the same order: a broken device line, a line that is not
+    key=value, no private key. A section whose key is not hex is left out
+    with its lines."""
+    start = _FIRST_PEER_RE.search(text)
+    cut = start.start() if start is not None else len(text)
+    head, rest = text[:cut], text[cut:]
+    device = _Device(name)
+    for number, line in enumerate(head.split("\n"), start=1):
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise WireGuardError(name, f"UAPI answer line {number} is not key=value")
+        device.line(number, key, value)
+    lines = rest.split("\n")
+    if [line for line in lines if line and "=" not in line]:  # a list: faster than a regex
+        first = next(i for i, line in enumerate(lines) if line and "=" not in line)
+        number = head.count("\n") + first + 1
+        raise WireGuardError(name, f"UAPI answer line {number} is not key=value")
+    if device.private == NO_KEY:
+        raise WireGuardError(name, "has no private key")
+    index: dict[bytes, list[str]] = {}
+    # rest is empty or starts with "public_key=": the first piece is empty
+    for section in ("\n" + rest).split("\npublic_key=")[1:]:
+        key_text, _, body = section.partition("\n")
+        peer_key = _hex_key(key_text)
+        if peer_key is not None:
+            index.setdefault(peer_key, []).append(body)
+    return index
+
+
+def section_peer(key: bytes, sections: Sequence[str]) -> Peer | None:
+    """The peer ``key`` from its sections of a :func:`uapi_index`: the first one
+    :func:`parse_uapi` could read in full, as it keeps; None if none."""
+    for body in sections:
+        draft = _Draft(key)
+        for line in body.split("\n"):
+            if line:
+                field_key, _, value = line.partition("=")
+                if field_key not in _IGNORED_PEER_KEYS:
+                    draft.line(field_key, value)
+        peer = draft.peer()
+        if peer is not None:
+            return peer
+    return None
 
 
 def parse_dump(name: str, text: str) -> Interface:
@@ -390,20 +479,28 @@ def plan_activation(
     """Which peers to kick, in batches: the targets that are peers of the
     interface, each once (its first endpoint), in the order given. Returns the
     number known and the batches."""
+    _check_batch_size(batch_size)
+    by_key = {p.public_key: p for p in interface.peers}
+    items = [(by_key[k], e) for k, e in activation_targets(targets).items() if k in by_key]
+    return len(items), [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    by_key = {p.public_key: p for p in interface.peers}
-    chosen: dict[bytes, tuple[Peer, Endpoint]] = {}
+
+
+def activation_targets(targets: Sequence[Target]) -> dict[bytes, Endpoint]:
+    """Each target key once, with its first endpoint, in the order given;
+    refuses a malformed target (our own misuse) before anything is sent."""
+    chosen: dict[bytes, Endpoint] = {}
     for key, endpoint in targets:
         if not isinstance(key, bytes) or len(key) != KEY_LEN:
             raise ValueError("a target's public key must be 32 bytes")
         if not isinstance(endpoint, Endpoint):
             raise TypeError(f"a target's endpoint must be an Endpoint, not {endpoint!r}")
-        peer = by_key.get(key)
-        if peer is not None and key not in chosen:
-            chosen[key] = (peer, endpoint)
-    items = list(chosen.values())
-    return len(items), [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        chosen.setdefault(key, endpoint)
+    return chosen
 
 
 def uapi_activation(batch: Batch) -> bytes:
@@ -474,7 +571,7 @@ class Uapi:
         *,
         timeout: float = IO_TIMEOUT,
         batch_size: int = BATCH_SIZE,
-        pause: float = BATCH_PAUSE,
+        pause: float = UAPI_BATCH_PAUSE,
     ) -> None:
         check_name(name)
         self.name = name
@@ -490,31 +587,102 @@ class Uapi:
         return parse_uapi(self.name, self._transact(b"get=1\n\n", "get"))
 
     def activate(self, targets: Sequence[Target]) -> Activation:
+        """One ``get=1``, then one ``set=1`` per batch, as :func:`plan_activation`
+        and :func:`uapi_activation` would have them; each batch's peers are read
+        from the answer and its request built while wireguard-go carries out
+        the previous batch (its answer is awaited before the next is sent)."""
         started = time.monotonic()
-        known, batches = plan_activation(self.read(), targets, self.batch_size)
-        return _run_batches(batches, self._apply, self.pause, started, known)
+        _check_batch_size(self.batch_size)
+        wanted = activation_targets(targets)
+        index = uapi_index(self.name, self._transact(b"get=1\n\n", "get"))
+        known = initiated = 0
+        pending: tuple[socket.socket, int] | None = None  # a set sent, its answer unread
 
-    def _apply(self, batch: Batch) -> None:
-        self._transact(uapi_activation(batch), "set")
+        def send(batch: Batch) -> None:
+            nonlocal pending, initiated
+            request = uapi_activation(batch)  # while the previous set runs
+            if pending is not None:
+                sock, count = pending
+                pending = None
+                with sock:
+                    self._answer(sock, "set")
+                initiated += count
+                if self.pause > 0:
+                    time.sleep(self.pause)
+            pending = (self._send(request, "set"), len(batch))
+
+        try:
+            batch: Batch = []
+            for key, endpoint in wanted.items():
+                sections = index.get(key)
+                peer = section_peer(key, sections) if sections else None
+                if peer is not None:
+                    known += 1
+                    batch.append((peer, endpoint))
+                    if len(batch) == self.batch_size:
+                        send(batch)
+                        batch = []
+            if batch:
+                send(batch)
+            if pending is not None:
+                sock, count = pending
+                pending = None
+                with sock:
+                    self._answer(sock, "set")
+                initiated += count
+        finally:
+            if pending is not None:
+                pending[0].close()
+        return Activation(known, initiated, time.monotonic() - started)
 
     def _transact(self, request: bytes, what: str) -> str:
         """Sends one request; the body of the answer (``errno=0`` removed)."""
+        with self._send(request, what) as sock:
+            return self._answer(sock, what)
+
+    def _send(self, request: bytes, what: str) -> socket.socket:
+        """A new connection carrying ``request``, its answer still to be read."""
         path = self.socket_path
-        answer = bytearray()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            with self._errors(what):
                 sock.settimeout(self.timeout)
                 sock.connect(str(path))
                 # One sendall: wireguard-go applies what it has read when the
                 # connection ends early, so a request is never sent in pieces.
                 sock.sendall(request)
-                while not answer.endswith(b"\n\n"):
-                    chunk = sock.recv(1 << 16)
-                    if not chunk:
-                        raise WireGuardError(self.name, f"UAPI {what}: closed before answering")
-                    answer += chunk
-                    if len(answer) > UAPI_LIMIT:
-                        raise WireGuardError(self.name, f"UAPI {what}: answer too large")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _answer(self, sock: socket.socket, what: str) -> str:
+        """The body of the answer on ``sock`` (``errno=0`` removed)."""
+        answer = bytearray()
+        with self._errors(what):
+            while not answer.endswith(b"\n\n"):
+                chunk = sock.recv(1 << 16)
+                if not chunk:
+                    raise WireGuardError(self.name, f"UAPI {what}: closed before answering")
+                answer += chunk
+                if len(answer) > UAPI_LIMIT:
+                    raise WireGuardError(self.name, f"UAPI {what}: answer too large")
+        body, _, last = bytes(answer[:-2]).rpartition(b"\n")
+        status = _ERRNO_RE.fullmatch(last)
+        if status is None:
+            raise WireGuardError(self.name, f"UAPI {what}: the answer does not end in errno=")
+        code = int(status.group(1))
+        if code != 0:
+            reason = os.strerror(abs(code))
+            raise WireGuardError(self.name, f"UAPI {what} failed: errno={code} ({reason})")
+        return body.decode("utf-8", errors="replace")
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Socket errors as WireGuardError naming the interface."""
+        path = self.socket_path
+        try:
+            yield
         except FileNotFoundError:
             raise WireGuardError(self.name, f"no such interface (no UAPI socket {path})") from None
         except ConnectionRefusedError:
@@ -527,15 +695,6 @@ class Uapi:
             ) from None
         except OSError as exc:
             raise WireGuardError(self.name, f"UAPI {what}: {exc.strerror or exc}") from None
-        body, _, last = bytes(answer[:-2]).rpartition(b"\n")
-        status = _ERRNO_RE.fullmatch(last)
-        if status is None:
-            raise WireGuardError(self.name, f"UAPI {what}: the answer does not end in errno=")
-        code = int(status.group(1))
-        if code != 0:
-            reason = os.strerror(abs(code))
-            raise WireGuardError(self.name, f"UAPI {what} failed: errno={code} ({reason})")
-        return body.decode("utf-8", errors="replace")
 
 
 # --- the kernel module: wg -----------------------------------------------------------------

@@ -276,6 +276,66 @@ def test_activate_clears_a_live_session_and_restores_the_peer(
     assert wait_until(pair.client_pings_backend, DEADLINE, 0.1)
 
 
+def _transfer(ifname: str) -> dict[bytes, tuple[int, int]]:
+    """rx and tx bytes per peer, from ``wg show IF transfer``."""
+    out = run(["wg", "show", ifname, "transfer"]).stdout
+    fields = [line.split("\t") for line in out.splitlines() if line]
+    return {base64.b64decode(f[0]): (int(f[1]), int(f[2])) for f in fields}
+
+
+INITIATION_BYTES = 148  # a handshake initiation on the wire
+
+
+def test_activate_in_batches_restores_every_peer_and_starts_one_initiation_each(
+    pair: Pair,
+) -> None:
+    """Eight more peers with their own mixes of settings, activated in batches
+    of three (and the pair's client, the one peer that answers): each ends
+    with its own settings and the endpoint given, having sent exactly one
+    initiation (a re-added peer's counters start at zero); a peer not
+    targeted is left alone, an unknown target is skipped."""
+    backend_if = pair.hosts.backend_if
+    psk_file = pair.directory / "psk8"
+    psk = secrets.token_bytes(32)
+    write_secret(psk_file, base64.b64encode(psk).decode())
+    keys = [secrets.token_bytes(32) for _ in range(8)]  # any 32 bytes are a peer key
+    argv = ["set", backend_if]
+    for i, key in enumerate(keys):
+        argv += ["peer", base64.b64encode(key).decode(),
+                 "allowed-ips", f"10.78.{i}.0/24,fd78::{i}/128",
+                 "persistent-keepalive", str(0 if i % 2 else 13 + i)]  # fmt: skip
+        if i % 3 == 0:
+            argv += ["preshared-key", str(psk_file)]
+    pair.wg(*argv)
+    before = {p.public_key: p for p in pair.backend.read().peers}
+    untouched = keys[-1]
+    # distinct ports at the client's address: delivered, never answered
+    targets = [(key, Endpoint.parse(f"{CLIENT_IP}:{40000 + i}")) for i, key in enumerate(keys)]
+    targets = [*targets[:-1], (secrets.token_bytes(32), CLIENT_ENDPOINT)]
+    targets.append((pair.client_key.public, CLIENT_ENDPOINT))
+
+    result = Uapi(backend_if, batch_size=3).activate(targets)
+
+    transfer = _transfer(backend_if)
+    after = {p.public_key: p for p in pair.backend.read().peers}
+    assert (result.known, result.initiated) == (8, 8)
+    assert after.keys() == before.keys()
+    for key, endpoint in targets:
+        if key not in before:
+            continue
+        old, new = before[key], after[key]
+        assert new.endpoint == endpoint
+        assert new.persistent_keepalive == old.persistent_keepalive
+        assert new.allowed_ips == old.allowed_ips
+        assert new.preshared_key == old.preshared_key
+        if key != pair.client_key.public:
+            assert transfer[key] == (0, INITIATION_BYTES), key.hex()
+    assert after[untouched] == before[untouched]
+    assert transfer[untouched] == (0, 0)
+    assert sum(1 for p in after.values() if p.preshared_key == psk) == 3
+    _wait_backend_initiated(pair)
+
+
 def test_wg_tool_activates_through_wireguard_go(psk_pair: Pair) -> None:
     pair = psk_pair
     tool: WireGuard = WgTool(pair.hosts.backend_if)

@@ -682,3 +682,162 @@ def test_elapsed_is_measured_from_the_call(server: FakeUapiServer, tmp_path: Pat
     start = time.monotonic()
     result = Uapi("wg0", str(tmp_path)).activate([(K1, NEW)])
     assert 0 < result.elapsed <= time.monotonic() - start
+
+
+# --- activation's reading of the UAPI answer, and its order of transactions --------------
+
+
+def index_peers(text: str, keys: list[bytes]) -> dict[bytes, Peer]:
+    index = wg.uapi_index("wg0", text)
+    found = {key: wg.section_peer(key, index[key]) for key in keys if key in index}
+    return {key: peer for key, peer in found.items() if peer is not None}
+
+
+def test_the_index_reads_the_recorded_answer_as_parse_uapi_does() -> None:
+    assert index_peers(UAPI_GET, [K1, K2, K3]) == by_key(parse_uapi("wg0", UAPI_GET))
+    assert list(wg.uapi_index("wg0", UAPI_GET)) == [K2, K3, K1]
+    assert wg.uapi_index("wg0", f"private_key={PRIVATE.hex()}\nlisten_port=1\n") == {}
+
+
+def test_the_index_reads_only_the_sections_asked_for() -> None:
+    # k2's section holds a line that would make parse_uapi leave k2 out; asking
+    # for k1 alone never reads it
+    text = uapi_with(peer_block(K1) + peer_block(K2, "a_new_peer_setting=1"))
+    index = wg.uapi_index("wg0", text)
+    assert wg.section_peer(K1, index[K1]) == by_key(parse_uapi("wg0", text))[K1]
+    assert wg.section_peer(K2, index[K2]) is None
+
+
+def test_the_index_keeps_the_first_readable_section_of_a_duplicate() -> None:
+    text = uapi_with(
+        peer_block(K1, "a_new_peer_setting=1")
+        + peer_block(K1, "allowed_ip=10.0.0.2/32")
+        + peer_block(K1, "allowed_ip=10.0.0.3/32")
+    )
+    (expected,) = parse_uapi("wg0", text).peers
+    assert index_peers(text, [K1]) == {K1: expected}
+    assert expected.allowed_ips == ("10.0.0.1/32", "10.0.0.2/32")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "listen_port=51820\n",
+        f"private_key={ZERO_HEX}\n",
+        "private_key=nothex\n",
+        f"private_key={PRIVATE.hex()}\nlisten_port=70000\n",
+        f"private_key={PRIVATE.hex()}\ngarbage\n",
+        uapi_with(peer_block(K1) + "garbage\n" + peer_block(K2)),
+        uapi_with(peer_block(K1), device="listen_port=1\n") + "garbage\n",
+        "garbage\n" + f"private_key={PRIVATE.hex()}\n",
+    ],
+)
+def test_the_index_raises_what_parse_uapi_raises(text: str) -> None:
+    with pytest.raises(WireGuardError) as expected:
+        parse_uapi("wg0", text)
+    with pytest.raises(WireGuardError) as caught:
+        wg.uapi_index("wg0", text)
+    assert str(caught.value) == str(expected.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                *UAPI_GET.splitlines(),
+                "",
+                "garbage",
+                "public_key=zz",
+                f"public_key=public_key={K1.hex()}",
+                f"public_key={K1.hex().upper()}",
+                "allowed_ip=10.0.0.300/32",
+                "a_new_peer_setting=1",
+                f"private_key={ZERO_HEX}",
+            ]
+        ),
+        max_size=40,
+    )
+)
+def test_the_index_agrees_with_parse_uapi_on_any_answer(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    try:
+        expected = by_key(parse_uapi("wg0", text))
+    except WireGuardError as error:
+        with pytest.raises(WireGuardError) as caught:
+            wg.uapi_index("wg0", text)
+        assert str(caught.value) == str(error)
+        return
+    assert index_peers(text, [K1, K2, K3, bytes(32)]) == expected
+
+
+def test_uapi_activate_skips_a_target_whose_settings_it_cannot_read(tmp_path: Path) -> None:
+    body = uapi_with(peer_block(K1, "a_new_peer_setting=1") + peer_block(K2))
+    server = FakeUapiServer(tmp_path, "wg0", body)
+    try:
+        result = Uapi("wg0", str(tmp_path)).activate([(K1, NEW), (K2, NEW)])
+    finally:
+        server.close()
+    assert (result.known, result.initiated) == (1, 1)
+    (get, set_) = server.requests
+    assert get == "get=1\n\n"
+    assert K1.hex() not in set_ and K2.hex() in set_
+
+
+def test_uapi_activate_sends_one_set_at_a_time_building_the_next_meanwhile(
+    server: FakeUapiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch is built while wireguard-go carries out the current one,
+    but sent only after its answer; pauses come between batches only."""
+    events: list[str] = []
+    real_build, real_send, real_answer = wg.uapi_activation, Uapi._send, Uapi._answer
+
+    def build(batch: wg.Batch) -> bytes:
+        events.append("build " + ",".join(str([K1, K2, K3].index(p.public_key)) for p, _ in batch))
+        return real_build(batch)
+
+    def send(self: Uapi, request: bytes, what: str) -> socket.socket:
+        events.append(f"send {what}")
+        return real_send(self, request, what)
+
+    def answer(self: Uapi, sock: socket.socket, what: str) -> str:
+        events.append(f"answer {what}")
+        return real_answer(self, sock, what)
+
+    monkeypatch.setattr(wg, "uapi_activation", build)
+    monkeypatch.setattr(Uapi, "_send", send)
+    monkeypatch.setattr(Uapi, "_answer", answer)
+    monkeypatch.setattr(time, "sleep", lambda seconds: events.append(f"pause {seconds}"))
+    uapi = Uapi("wg0", str(tmp_path), batch_size=1, pause=0.25)
+    result = uapi.activate([(K1, NEW), (K2, NEW), (K3, NEW6)])
+    assert (result.known, result.initiated) == (3, 3)
+    assert events == [
+        "send get", "answer get",
+        "build 0", "send set",
+        "build 1", "answer set", "pause 0.25", "send set",
+        "build 2", "answer set", "pause 0.25", "send set",
+        "answer set",
+    ]  # fmt: skip
+    assert len(server.requests) == 4
+
+
+def test_uapi_activate_stops_at_a_failed_set(server: FakeUapiServer, tmp_path: Path) -> None:
+    server.errno = -22
+    with pytest.raises(WireGuardError, match=r"^wg0: UAPI set failed: errno=-22"):
+        Uapi("wg0", str(tmp_path), batch_size=1).activate([(K1, NEW), (K2, NEW), (K3, NEW)])
+    assert len(server.requests) == 2  # the get and the first set: the second was never sent
+
+
+def test_uapi_refuses_a_bad_target_or_batch_size_before_any_request(
+    server: FakeUapiServer, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError):
+        Uapi("wg0", str(tmp_path)).activate([(K1, NEW), (b"short", NEW)])
+    with pytest.raises(ValueError):
+        Uapi("wg0", str(tmp_path), batch_size=0).activate([(K1, NEW)])
+    assert server.requests == []
+
+
+def test_only_wg_pauses_between_batches_by_default() -> None:
+    assert Uapi("wg0").pause == 0.0
+    assert WgTool("wg0").pause == wg.BATCH_PAUSE > 0
