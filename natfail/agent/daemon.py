@@ -39,6 +39,8 @@ log = logging.getLogger("natfail.agent")
 
 REFRESH = 10.0
 """Seconds between re-reads of every interface's keys."""
+KEPT_ACTIVATIONS = 64
+"""Activations remembered per interface, for a gateway's repeated request."""
 REPORT_MAX_AGE = 1.0
 """A report is made from a reading at most this old."""
 
@@ -50,6 +52,13 @@ class _Served:
     reading: Interface | None = None
     read_at: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    activations: dict[tuple[int, int], asyncio.Future[msg.Activated | None]] = field(
+        default_factory=dict
+    )
+    """The recent activations by (epoch, page): a gateway that asks again (its
+    answer was lost or late) gets the same answer, and the clients are not
+    brought over twice (a second initiation right after the first is dropped
+    by the client as a flood, and the first's response no longer matches)."""
     epoch: int = 0
     """The highest activation epoch a gateway sent for this interface: the
     gateways of a pair read it to agree on the active backend. Not kept
@@ -180,11 +189,34 @@ class Agent(asyncio.DatagramProtocol):
             pages = msg.paginate_report(version, clock_ns, tuple(peers), served.epoch)
             page = min(decoded.page, len(pages) - 1)
             return pages[page]
-        targets = [(t.public_key, t.endpoint) for t in decoded.peers]
         served.epoch = max(served.epoch, decoded.epoch)
-        if not targets:
+        if not decoded.peers:
             # Only a record of who is active: nothing to bring over.
             return msg.Activated(decoded.epoch, decoded.page, 0, 0, 0)
+        key = (decoded.epoch, decoded.page)
+        earlier = served.activations.get(key)
+        if earlier is not None:
+            return await asyncio.shield(earlier)
+        future: asyncio.Future[msg.Activated | None] = asyncio.get_running_loop().create_future()
+        served.activations[key] = future
+        while len(served.activations) > KEPT_ACTIVATIONS:
+            del served.activations[next(iter(served.activations))]
+        try:
+            result = await self._activate(served, decoded)
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a repeat re-raises it, none need be
+            raise
+        except BaseException:
+            future.cancel()
+            raise
+        future.set_result(result)
+        if result is None:
+            del served.activations[key]  # it failed: a repeat may try again
+        return result
+
+    async def _activate(self, served: _Served, decoded: msg.Activate) -> msg.Activated | None:
+        targets = [(t.public_key, t.endpoint) for t in decoded.peers]
         async with served.lock:
             try:
                 done = await asyncio.to_thread(served.wireguard.activate, targets)

@@ -21,6 +21,11 @@ from natfail.core.model import Endpoint
 
 TIMEOUT = 0.5
 ATTEMPTS = 2
+ACTIVATE_TIMEOUT = 1.0
+"""An activation waits for the backend's WireGuard (about 0.15 ms a client on
+wireguard-go); the agent answers a repeat of the same page without doing it
+again."""
+ACTIVATE_ATTEMPTS = 3
 
 _Reply = TypeVar("_Reply", msg.Report, msg.Activated)
 
@@ -116,5 +121,14 @@ class AgentLink:
         """Sends every page of an activation; one reply (or None) per page."""
         out: list[msg.Activated | None] = []
         for page in msg.paginate_activate(epoch, targets):
-            out.append(await self.exchange(agent, agent_public, page, msg.Activated))
+            out.append(
+                await self.exchange(
+                    agent,
+                    agent_public,
+                    page,
+                    msg.Activated,
+                    timeout=ACTIVATE_TIMEOUT,
+                    attempts=ACTIVATE_ATTEMPTS,
+                )
+            )
         return out

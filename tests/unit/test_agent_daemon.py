@@ -163,3 +163,83 @@ def test_a_missing_interface_is_no_crash() -> None:
         await task
 
     asyncio.run(main())
+
+
+def test_the_agent_records_the_highest_epoch_per_interface_and_reports_it() -> None:
+    server2 = bytes(range(4, 36))
+    server2_pub = noise.public_key(server2)
+    other = Interface("wgtest1", server2, server2_pub, 51821, ())
+
+    async def main() -> None:
+        wgs = {"wgtest0": FakeWireGuard(_interface(time.time())), "wgtest1": FakeWireGuard(other)}
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        where = Endpoint(ipaddress.ip_address("127.0.0.1"), sock.getsockname()[1])
+        config = AgentConfig(where, (noise.public_key(GATEWAY),), ("wgtest0", "wgtest1"))
+        agent = Agent(config, opener=lambda name: wgs[name])
+        task = asyncio.create_task(agent.run(sock))
+        link = AgentLink(GATEWAY, _stamps())
+
+        async def epochs() -> tuple[int, int]:
+            first = await link.poll(where, SERVER_PUB, 0)
+            second = await link.poll(where, server2_pub, 0)
+            assert first is not None and second is not None
+            return first[0].epoch, second[0].epoch
+
+        try:
+            for _ in range(100):
+                if len(agent._identities) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert await epochs() == (0, 0)  # nothing recorded yet
+            target = msg.Target(CLIENT, Endpoint(ipaddress.ip_address("198.51.100.9"), 41000))
+            replies = await link.activate(where, SERVER_PUB, 5, (target,))
+            assert [r.epoch if r else None for r in replies] == [5]
+            assert await epochs() == (5, 0)  # per interface
+            # an empty activation only records; a lower epoch is answered, not kept
+            replies = await link.activate(where, SERVER_PUB, 3, ())
+            assert replies == [msg.Activated(3, 0, 0, 0, 0)]
+            assert await epochs() == (5, 0)
+            replies = await link.activate(where, SERVER_PUB, 9, ())
+            assert replies == [msg.Activated(9, 0, 0, 0, 0)]
+            assert await epochs() == (9, 0)
+            assert len(wgs["wgtest0"].activations) == 1  # the empty ones never reach WireGuard
+            await link.activate(where, server2_pub, 2, ())
+            assert await epochs() == (9, 2)
+            assert wgs["wgtest1"].activations == []
+            # "still at this version": the page without peers carries the epoch too
+            first = await link.poll(where, SERVER_PUB, 0)
+            assert first is not None
+            again = await link.poll(where, SERVER_PUB, first[0].version)
+            assert again is not None and again[0].peers == () and again[0].epoch == 9
+        finally:
+            agent.stopping.set()
+            await task
+
+    asyncio.run(main())
+
+
+def test_a_repeated_activation_is_answered_without_bringing_the_clients_over_again() -> None:
+    """The gateway asks again when its answer is late; a second remove, re-add
+    and kick would wipe the first handshake and the client would drop the
+    second initiation as a flood: a five-second outage."""
+
+    async def main() -> None:
+        wg = FakeWireGuard(_interface(time.time()))
+        async with _agent(wg) as (_, where):
+            link = AgentLink(GATEWAY, _stamps())
+            target = msg.Target(CLIENT, Endpoint(ipaddress.ip_address("198.51.100.9"), 41000))
+            page = msg.paginate_activate(7, (target,))[0]
+            first, second = await asyncio.gather(
+                link.exchange(where, SERVER_PUB, page, msg.Activated),
+                link.exchange(where, SERVER_PUB, page, msg.Activated),
+            )
+            again = await link.exchange(where, SERVER_PUB, page, msg.Activated)
+            assert first is not None and first == second == again
+            assert first.initiated == 1
+            assert len(wg.activations) == 1
+            # another epoch is another activation
+            await link.activate(where, SERVER_PUB, 8, (target,))
+            assert len(wg.activations) == 2
+
+    asyncio.run(main())
