@@ -194,12 +194,13 @@ class Daemon:
 
     def _addresses_changed(self, addresses: Addresses) -> None:
         self._local = addresses
-        task = asyncio.ensure_future(self._roles())
+        task = asyncio.ensure_future(self.update_roles())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _roles(self) -> None:
-        """Carries out every service's change of role, in one batch."""
+    async def update_roles(self) -> None:
+        """Carries out every service's change of role, in one batch (after the
+        addresses changed, or a reload changed a public address)."""
         async with self.lock:
             now = self.monotonic()
             outcomes = []

@@ -78,6 +78,7 @@ class Reloader:
                     new.services,
                     changed_keys,
                     now,
+                    d.role_of,
                 )
                 done = await d.executor.transact(
                     new.services, {name: s.active for name, s in plan.states.items()}
@@ -104,6 +105,7 @@ class Reloader:
             for record in plan.switched:
                 d.executor.switched(record, done.swap, cleaned)
             d.save_state()
+        await d.update_roles()
         message = (
             f"reloaded {path}: {len(new.services)} service(s), {len(plan.added)} added, "
             f"{len(plan.removed)} removed"

@@ -84,6 +84,8 @@ class ServiceState:
             pin=pin if pin is not None and pin.backend in names else None,
             drained=frozenset(drained & names),
             agents={name: (agents or {}).get(name, ag.AgentView()) for name in sorted(with_agent)},
+            role=role,
+            epoch=epoch,
         )
 
     @property
@@ -547,19 +549,38 @@ def agents_polled(state: ServiceState, now: float) -> Outcome:
         return Outcome(polled)
     if record is not None and record.backend == state.active and view.epoch >= state.epoch:
         return Outcome(replace(polled, epoch=record.epoch))
-    newer = record is not None and record.backend != state.active
-    epoch = next_epoch(state) if newer else max(state.epoch, 1)
-    effects: list[Effect] = []
-    if newer:
-        assert record is not None
-        effects.append(
+    # Epochs are unique to one decision of one gateway, so another backend
+    # with as high an epoch was chosen by another gateway (a tie goes to the
+    # first name, as :func:`ag.recorded` reads it on both).
+    if record is not None and record.backend != state.active and record.epoch >= state.epoch:
+        # Another gateway decided after this one (both held the address for a
+        # while): the highest epoch wins, as long as this gateway's own probes
+        # let it; otherwise this gateway's choice is recorded above it.
+        other = state.health.get(record.backend)
+        if other is not None and other.state is hl.HealthState.UP:
+            adopted = replace(polled, epoch=record.epoch)
+            outcome = _move(
+                adopted, record.backend, "adopted", (), kept=polled, now=now, activate=False
+            )
+            note = Log(
+                logging.WARNING,
+                f"{state.name}: another gateway activated backend {record.backend} "
+                f"(epoch {record.epoch}) after this one chose {state.active}; following it",
+            )
+            return replace(outcome, effects=(note, *outcome.effects))
+        epoch = next_epoch(state)
+        effects: list[Effect] = [
             Log(
                 logging.WARNING,
-                f"{state.name}: backend {record.backend} carries a newer activation "
-                f"(epoch {record.epoch}) than {state.active}, which this gateway decided: "
-                "another gateway decided too; recording the choice again",
+                f"{state.name}: another gateway activated backend {record.backend} "
+                f"(epoch {record.epoch}), which is not up from here; recording "
+                f"{state.active} again above it",
             )
-        )
+        ]
+    else:
+        # The active backend's agent lost the record (it restarted): again.
+        epoch = max(state.epoch, 1)
+        effects = []
     effects.append(
         Activate(state.name, state.active, active.agent, state.service.server_public_key, (), epoch)
     )

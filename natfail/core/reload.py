@@ -8,13 +8,13 @@ services' switches."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass, replace
 
 from natfail.core import agents as ag
 from natfail.core import health as hl
 from natfail.core import selector as sel
-from natfail.core.controller import Cleanup, ServiceState, Switched
+from natfail.core.controller import Cleanup, Role, ServiceState, Switched
 from natfail.core.model import Backend, Service
 
 
@@ -44,8 +44,11 @@ def plan(
     services: tuple[Service, ...] | list[Service],
     keys_changed: Set[str],
     now: float,
+    role_of: Callable[[Service], Role] | None = None,
 ) -> ReloadPlan:
-    """``keys_changed``: the services whose probe keys differ from the running ones."""
+    """``keys_changed``: the services whose probe keys differ from the running
+    ones; ``role_of``: the role of an added service (a pair's, see
+    :data:`natfail.core.controller.Role`; "single" when not given)."""
     new_names = {s.name for s in services}
     removed = tuple(n for n in running if n not in new_names)
     cleanups: list[Cleanup] = []
@@ -61,7 +64,8 @@ def plan(
         existing = running.get(service.name)
         if existing is None:
             added.append(service.name)
-            states[service.name] = ServiceState.initial(service, now)
+            role: Role = role_of(service) if role_of is not None else "single"
+            states[service.name] = ServiceState.initial(service, now, role=role)
             continue
         state, lost = _carry_over(existing, service, service.name in keys_changed, now)
         if lost is not None:
