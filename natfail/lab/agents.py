@@ -30,6 +30,10 @@ class LabAgents:
         self.lab = lab
         self.procs: dict[str, subprocess.Popen[str]] = {}
 
+    def gateway_keys(self) -> list[str]:
+        """The probe public keys the agents obey: the lab's one gateway's."""
+        return [self.lab.probe_key.public_b64]
+
     def log(self, backend: LabBackend) -> str:
         path = self.lab.dir / f"agent-{backend.name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -40,9 +44,10 @@ class LabAgents:
         """Starts the backend's agent and waits until it listens; LabError if not.
         ``prefix`` goes before its argv (``faketime``, say)."""
         config = self.lab.dir / f"agent-{backend.name}.toml"
+        keys = ", ".join(f'"{k}"' for k in self.gateway_keys())
         config.write_text(
             f'listen = "{agent_address(backend)}"\n'
-            f'gateways = ["{self.lab.probe_key.public_b64}"]\n'
+            f"gateways = [{keys}]\n"
             f'interfaces = ["{backend.wg_if}"]\n'
         )
         with open(self.lab.dir / f"agent-{backend.name}.log", "a") as out:
