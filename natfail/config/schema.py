@@ -241,8 +241,25 @@ def _services(root: Table, default_probe: ProbeSettings, pair: bool) -> tuple[Se
     by_name: dict[str, int] = {}
     by_public: dict[Endpoint, int] = {}
     by_address: dict[Endpoint, tuple[int, str]] = {}
+    by_agent: dict[tuple[Endpoint, bytes], str] = {}
     for table in root.tables("service", "[[service]]", _SERVICE_KEYS):
         service = _service(table, default_probe, pair)
+        if pair:
+            # An agent records one activation epoch per interface: two services
+            # on one interface would read each other's choices.
+            for index, backend in enumerate(service.backends):
+                if backend.agent is None:
+                    continue
+                owner = by_agent.setdefault(
+                    (backend.agent, service.server_public_key), service.name
+                )
+                if owner != service.name:
+                    raise Invalid(
+                        (*table.at("backend"), index, "agent"),
+                        f"the agent at {backend.agent} already serves service {owner!r} with "
+                        "the same server key; in a pair each WireGuard interface serves one "
+                        "service",
+                    )
         conflicts: list[tuple[int, int, int]] = []  # (earlier service, kind, backend index)
         if service.name in by_name:
             conflicts.append((by_name[service.name], 0, 0))

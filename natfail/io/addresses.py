@@ -61,6 +61,7 @@ class NetlinkAddressWatch:
         self._wake = asyncio.Event()
 
     def current(self) -> Addresses:
+        """Lists them now; blocking, and not on a running event loop's thread."""
         return self._list()
 
     def start(self, changed: Callable[[Addresses], None]) -> None:
@@ -86,7 +87,8 @@ class NetlinkAddressWatch:
         self._wake.set()
 
     async def _run(self, changed: Callable[[Addresses], None]) -> None:
-        last = self._list()
+        # pyroute2's IPRoute runs an event loop of its own: never on ours.
+        last = await asyncio.to_thread(self._list)
         while True:
             await self._wake.wait()
             await asyncio.sleep(SETTLE)
