@@ -52,9 +52,7 @@ def paging(draw: st.DrawFn) -> tuple[int, int]:
 def reports(draw: st.DrawFn) -> Report:
     page, pages = draw(paging())
     peers = tuple(draw(st.lists(reported, max_size=6)))
-    return Report(
-        draw(U64), draw(st.integers(-(2**63), 2**63 - 1)), peers, page, pages, draw(U64)
-    )
+    return Report(draw(U64), draw(st.integers(-(2**63), 2**63 - 1)), peers, page, pages, draw(U64))
 
 
 @st.composite
