@@ -43,9 +43,10 @@ SAVE_EVERY: Final = 10.0
 
 
 def poll_interval(agents: int, pair_interval: float | None = None) -> float:
-    """Seconds between sweeps; in a pair at most ``pair_interval`` (the
-    shortest probe interval): a follower learns of an activation within it."""
-    base = POLL_INTERVAL if pair_interval is None else min(POLL_INTERVAL, pair_interval)
+    """Seconds between sweeps; in a pair at most half ``pair_interval`` (the
+    shortest probe interval): a follower learns of an activation within one,
+    the decider's record and the poll's round trip included."""
+    base = POLL_INTERVAL if pair_interval is None else min(POLL_INTERVAL, pair_interval / 2)
     return max(base, agents / POLLS_PER_SECOND)
 
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from natfail.lab import leftovers
-from natfail.lab.agents import LabAgents, agent_address
+from natfail.lab import config_file, leftovers
+from natfail.lab.agents import LabAgents
 from natfail.lab.lab import Lab, _check_options
 from natfail.lab.processes import (
     LabError,
@@ -67,8 +67,6 @@ from natfail.lab.topology import (
     LAN_PREFIXLEN_V4,
     LAN_PREFIXLEN_V6,
     NODE_IF,
-    PUBLIC_NET_V4,
-    PUBLIC_NET_V6,
     PUBLIC_PORT,
     PUBLIC_V4,
     PUBLIC_V6,
@@ -79,6 +77,8 @@ from natfail.lab.topology import (
     LabBackend,
     LabClient,
     LabGateway,
+    configure_backends,
+    configure_client,
     public_endpoint,
     static_dnat_script,
 )
@@ -209,28 +209,9 @@ def build_pair_network(
         cmds += [f"link set {g.wan_if} up", f"link set {g.lan_if} up"]
         ip_batch(g.ns, cmds)
 
-    cmds = [
-        "link set lo up",
-        f"addr add {cl.v4}/{WAN_PREFIXLEN_V4} dev {NODE_IF}",
-        f"link set {NODE_IF} up",
-        f"route add {PUBLIC_NET_V4} dev {NODE_IF}",
-    ]
-    if ipv6:
-        cmds[2:2] = [f"addr add {cl.v6}/{WAN_PREFIXLEN_V6} dev {NODE_IF} nodad"]
-        cmds.append(f"route add {PUBLIC_NET_V6} dev {NODE_IF}")
-    ip_batch(cl.ns, cmds)
-
-    for b in backends:
-        cmds = [
-            "link set lo up",
-            f"addr add {b.v4}/{LAN_PREFIXLEN_V4} dev {NODE_IF}",
-            f"link set {NODE_IF} up",
-            f"route add default via {INSIDE_VIP_V4}",
-        ]
-        if b.v6:
-            cmds[2:2] = [f"addr add {b.v6}/{LAN_PREFIXLEN_V6} dev {NODE_IF} nodad"]
-            cmds.append(f"route add ::/0 via {INSIDE_VIP_V6}")
-        ip_batch(b.ns, cmds)
+    # The client reaches the VIPs on its own segment (ARP/NDP find the master).
+    configure_client(cl, ipv6, f"dev {NODE_IF}", f"dev {NODE_IF}")
+    configure_backends(backends, INSIDE_VIP_V4, INSIDE_VIP_V6)
 
 
 # -- keepalived ----------------------------------------------------------------------------
@@ -724,46 +705,18 @@ class PairLab(Lab):
         if gw is None:
             raise ValueError("a pair lab's config is one gateway's: give gw=")
         g = self.gw(gw)
-        d = self.gateway_dir(g)
-        path = path or d / "natfail.toml"
-        state = d / "state"
-        state.mkdir(mode=0o700, exist_ok=True)
-        lines = [
-            "[daemon]",
-            f'firewall = "{firewall}"',
-            f'socket = "{d / "natfail.sock"}"',
-            f'state_dir = "{state}"',
-        ]
-        if pair:
-            lines.append("pair = true")
-        lines += [
-            "",
-            "[probe]",
-            f'private_key_file = "{self.probe_keys[g.name].file}"',
-            "",
-            "[[service]]",
-            f'name = "{service}"',
-            f'public = "{PUBLIC_V4}:{PUBLIC_PORT}"',
-            f'server_public_key = "{self.server_key.public_b64}"',
-        ]
-        if inbound_interface:
-            lines.append(f'inbound_interface = "{g.wan_if}"')
-        if self.psk_file is not None:
-            lines.append(f'preshared_key_file = "{self.psk_file}"')
-        if extra_service:
-            lines.append(extra_service)
-        for i, b in enumerate(self.backends):
-            lines += [
-                "",
-                "[[service.backend]]",
-                f'name = "{b.name}"',
-                f'address = "{b.address}"',
-                f"priority = {100 - 10 * i}",
-            ]
-            if agents:
-                lines.append(f'agent = "{agent_address(b)}"')
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return config_file.write_config(
+            self,
+            path,
+            firewall=firewall,
+            service=service,
+            extra_service=extra_service,
+            agents=agents,
+            directory=self.gateway_dir(g),
+            probe_key_file=self.probe_keys[g.name].file,
+            pair=pair,
+            inbound_interface=g.wan_if if inbound_interface else None,
+        )
 
     def agents(self) -> PairAgents:
         """A :class:`PairAgents` for this lab (nothing started yet)."""

@@ -190,27 +190,37 @@ def build_network(
         ]
     ip_batch(gw.ns, cmds)
 
+    configure_client(cl, ipv6, f"via {gw.wan_v4}", f"via {gw.wan_v6}")
+    configure_backends(backends, gw.lan_v4, gw.lan_v6)
+
+
+def configure_client(cl: LabClient, ipv6: bool, route_v4: str, route_v6: str) -> None:
+    """The client's one link, and its routes to the public prefixes (``via X``
+    or ``dev Y``); no default route."""
     cmds = [
         "link set lo up",
         f"addr add {cl.v4}/{WAN_PREFIXLEN_V4} dev {NODE_IF}",
         f"link set {NODE_IF} up",
-        f"route add {PUBLIC_NET_V4} via {gw.wan_v4}",
+        f"route add {PUBLIC_NET_V4} {route_v4}",
     ]
     if ipv6:
         cmds[2:2] = [f"addr add {cl.v6}/{WAN_PREFIXLEN_V6} dev {NODE_IF} nodad"]
-        cmds.append(f"route add {PUBLIC_NET_V6} via {gw.wan_v6}")
+        cmds.append(f"route add {PUBLIC_NET_V6} {route_v6}")
     ip_batch(cl.ns, cmds)
 
+
+def configure_backends(backends: Sequence[LabBackend], gateway_v4: str, gateway_v6: str) -> None:
+    """Each backend's one link, with its default route via the gateway's address."""
     for b in backends:
         cmds = [
             "link set lo up",
             f"addr add {b.v4}/{LAN_PREFIXLEN_V4} dev {NODE_IF}",
             f"link set {NODE_IF} up",
-            f"route add default via {gw.lan_v4}",
+            f"route add default via {gateway_v4}",
         ]
         if b.v6:
             cmds[2:2] = [f"addr add {b.v6}/{LAN_PREFIXLEN_V6} dev {NODE_IF} nodad"]
-            cmds.append(f"route add ::/0 via {gw.lan_v6}")
+            cmds.append(f"route add ::/0 via {gateway_v6}")
         ip_batch(b.ns, cmds)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.bindings import crypto_scalarmult_base
 
 from natfail.lab.processes import LabError, kill_pids, ns_argv, wait_until
 from natfail.oneline import one_line
@@ -44,7 +44,7 @@ def pubkey(private_b64: str) -> str:
     raw = base64.b64decode(private_b64, validate=True)
     if len(raw) != 32:
         raise ValueError("a WireGuard key is 32 bytes")
-    pub = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+    pub = crypto_scalarmult_base(raw)  # clamps the scalar, as X25519 does
     return base64.b64encode(pub).decode("ascii")
 
 

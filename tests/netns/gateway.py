@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from natfail.lab import DAEMON_ENV, DaemonRunner, Lab, probe_table
+from natfail.lab import DAEMON_ENV, DaemonRunner, Lab, LabAgents, probe_table
 
 ENV = DAEMON_ENV
 INTERVAL, TIMEOUT, RISE, FALL = 0.3, 0.2, 1, 2
@@ -116,3 +116,27 @@ def running(lab: Lab, firewall: str) -> Iterator[Gateway]:
         gateway.stop()
     assert "Traceback" not in gateway.logs(), gateway.logs()
     gateway.remove_rules()
+
+
+@contextlib.contextmanager
+def running_with_agents(lab: Lab, firewall: str) -> Iterator[tuple[Gateway, LabAgents]]:
+    """:func:`running` with `natfail agent` on every backend and each backend's
+    ``agent`` set, no state and no saved clients; the agents' logs must hold
+    no traceback either."""
+    agents = LabAgents(lab)
+    agents.start_all()
+    gateway = Gateway(lab, firewall, agents=True)
+    gateway.remove_rules()
+    for name in ("state.json", "clients.json"):
+        (lab.dir / "state" / name).unlink(missing_ok=True)
+    try:
+        gateway.start()
+        assert gateway.wait_active("a"), gateway.logs()
+        yield gateway, agents
+    finally:
+        gateway.stop()
+        agents.stop_all()
+        gateway.remove_rules()
+    assert "Traceback" not in gateway.logs(), gateway.logs()
+    for backend in lab.backends:
+        assert "Traceback" not in agents.log(backend), agents.log(backend)

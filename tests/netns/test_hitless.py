@@ -11,7 +11,6 @@ what it tells apart is who started the handshake, not the machine's speed."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -29,30 +28,10 @@ from natfail.lab import (
     wait_until,
 )
 from tests.netns.gateway import KINDS, Gateway
+from tests.netns.gateway import running_with_agents as _running
 
 HITLESS_BOUND = 5.0
 """Seconds from the switch to the client's first ping reply through the new backend."""
-
-
-@contextlib.contextmanager
-def _running(fresh: Lab, firewall: str) -> Iterator[tuple[Gateway, LabAgents]]:
-    agents = LabAgents(fresh)
-    agents.start_all()
-    gateway = Gateway(fresh, firewall, agents=True)
-    gateway.remove_rules()
-    for name in ("state.json", "clients.json"):
-        (fresh.dir / "state" / name).unlink(missing_ok=True)
-    try:
-        gateway.start()
-        assert gateway.wait_active("a"), gateway.logs()
-        yield gateway, agents
-    finally:
-        gateway.stop()
-        agents.stop_all()
-        gateway.remove_rules()
-    assert "Traceback" not in gateway.logs(), gateway.logs()
-    for backend in fresh.backends:
-        assert "Traceback" not in agents.log(backend), agents.log(backend)
 
 
 @pytest.fixture(params=KINDS)

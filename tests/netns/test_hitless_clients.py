@@ -16,7 +16,7 @@ import pytest
 
 from natfail.lab import Lab, LabAgents, wait_until
 from natfail.lab.clients import ExtraClients
-from tests.netns.gateway import KINDS, Gateway
+from tests.netns.gateway import KINDS, Gateway, running_with_agents
 
 CLIENTS = 20
 IDLE = 60.0
@@ -38,21 +38,8 @@ def extra(lab: Lab) -> ExtraClients:
 def _running(fresh: Lab, extra: ExtraClients, firewall: str) -> Iterator[tuple[Gateway, LabAgents]]:
     for backend in fresh.backends:
         extra.add_to(backend)
-    agents = LabAgents(fresh)
-    agents.start_all()
-    gateway = Gateway(fresh, firewall, agents=True)
-    gateway.remove_rules()
-    for name in ("state.json", "clients.json"):
-        (fresh.dir / "state" / name).unlink(missing_ok=True)
-    try:
-        gateway.start()
-        assert gateway.wait_active("a"), gateway.logs()
-        yield gateway, agents
-    finally:
-        gateway.stop()
-        agents.stop_all()
-        gateway.remove_rules()
-    assert "Traceback" not in gateway.logs(), gateway.logs()
+    with running_with_agents(fresh, firewall) as running:
+        yield running
 
 
 @pytest.fixture(params=KINDS)
