@@ -233,8 +233,8 @@ def wg_capacity(wanted: int, cap: int) -> int:
 
 
 def _dh(private: bytes, public: bytes) -> bytes:
-    # libsodium, through natfail's wrapper: a third faster than the responder's own DH
-    # (cryptography's), which is most of an answer's cost
+    # libsodium's X25519 through natfail's wrapper (the responder's DH is libsodium's
+    # too); X25519 is most of an answer's cost
     shared = noise.dh(private, public)
     if shared is None:
         raise Rejected("low-order point")

@@ -126,13 +126,12 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from natfail.core.noise import (
     KEY_SIZE,
     TIMESTAMP_SIZE,
     Ignored,
+    aead_open,
+    aead_seal,
     dh,
     hash_,
     kdf2,
@@ -229,24 +228,12 @@ Datagram = bytes | bytearray | memoryview
 _blake2s = hashlib.blake2s
 
 
-# --- AEAD (kept in two functions: a later change moves them to PyNaCl) ------------
+# --- AEAD: libsodium's ChaCha20-Poly1305 with a Noise nonce (natfail.core.noise) ---
 
-
-def _nonce(counter: int) -> bytes:
-    return bytes(4) + counter.to_bytes(8, "little")
-
-
-def _seal(key: bytes, nonce_counter: int, plaintext: bytes, aad: bytes) -> bytes:
-    """ChaCha20-Poly1305 with a Noise nonce: ciphertext and 16-byte tag."""
-    return ChaCha20Poly1305(key).encrypt(_nonce(nonce_counter), plaintext, aad)
-
-
-def _open(key: bytes, nonce_counter: int, ciphertext: bytes, aad: bytes) -> bytes | None:
-    """The plaintext, or None when the tag does not verify."""
-    try:
-        return ChaCha20Poly1305(key).decrypt(_nonce(nonce_counter), ciphertext, aad)
-    except InvalidTag:
-        return None
+_seal = aead_seal
+"""ChaCha20-Poly1305 with a Noise nonce: ciphertext and 16-byte tag."""
+_open = aead_open
+"""The plaintext, or None when the tag does not verify."""
 
 
 # --- values -------------------------------------------------------------------------

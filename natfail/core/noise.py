@@ -37,14 +37,19 @@ the initial chaining key and hash mixed with the server key, the three
 MAC/cookie keys, and the static-static DH (as wireguard-go's
 ``precomputedStaticStatic``). A probe then costs one X25519 fixed-base
 multiplication (the ephemeral public key) and three X25519 DHs, three
-ChaCha20-Poly1305 calls, 18 HMAC-BLAKE2s and a handful of BLAKE2s. X25519
-comes from libsodium (PyNaCl): its fixed-base multiplication takes about
-18 us here against 36 us for OpenSSL's key generation, the DHs cost the
-same (about 33 us) in both. HMAC-BLAKE2s is written out over ``hashlib``
-(pads by ``bytes.translate``) because ``hmac.new`` costs about 3 us per call
-here and ``hmac.digest(..., "blake2s")`` about 4. ``bench/bench_probe.py``
-measures the whole probe at about 145 us (build ~64 + consume ~79), of which
-X25519 is about 118 us; see bench/results/probe.json.
+ChaCha20-Poly1305 calls, 18 HMAC-BLAKE2s and a handful of BLAKE2s. All the
+cryptography is libsodium's, through PyNaCl's low-level ``nacl.bindings``
+(X25519, ChaCha20-Poly1305 and, for cookies, XChaCha20-Poly1305), and
+``hashlib``'s BLAKE2s. X25519's fixed-base multiplication takes about 14 us
+here and a DH about 32; a ChaCha20-Poly1305 call about 3 us, most of it
+PyNaCl's argument checks. libsodium raises where WireGuard's code returns a
+value: an all-zero DH (``dh`` returns None) and a tag that does not verify
+(``aead_open``/``xaead_open`` return None, ``consume_*`` ``Ignored``).
+HMAC-BLAKE2s is written out over ``hashlib`` (pads by ``bytes.translate``)
+because ``hmac.new`` costs about 3 us per call here and
+``hmac.digest(..., "blake2s")`` about 4. ``bench/bench_probe.py`` measures
+the whole probe at about 144 us (build ~63 + consume ~79), of which X25519 is
+about 111 us; see bench/results/probe.json.
 
 Cookies. A backend under load answers with a cookie reply; the cookie is
 MAC(secret, source IP and port of the initiation), so a mac2 made with it is
@@ -67,12 +72,16 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from nacl.bindings import (
+    crypto_aead_chacha20poly1305_ietf_decrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
+    crypto_aead_xchacha20poly1305_ietf_decrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+    crypto_scalarmult,
+    crypto_scalarmult_base,
+)
+from nacl.exceptions import CryptoError
 from nacl.exceptions import RuntimeError as SodiumError
-
-from natfail.core import xchacha
 
 # --- constants (wireguard-go device/noise-protocol.go, cookie.go) -----------
 
@@ -166,6 +175,9 @@ _HEADER_RESPONSE: Final = bytes((MESSAGE_RESPONSE, 0, 0, 0))
 _HEADER_COOKIE_REPLY: Final = bytes((MESSAGE_COOKIE_REPLY, 0, 0, 0))
 
 _ZERO_NONCE: Final = bytes(12)
+# The hot path calls libsodium's AEAD directly (message, aad, nonce, key).
+_seal: Final = crypto_aead_chacha20poly1305_ietf_encrypt
+_open: Final = crypto_aead_chacha20poly1305_ietf_decrypt
 _ZERO_KEY: Final = bytes(KEY_SIZE)
 
 # --- primitives ---------------------------------------------------------------
@@ -228,6 +240,42 @@ def kdf3(key: bytes, data: bytes) -> tuple[bytes, bytes, bytes]:
     t2 = b2s(outer + b2s(inner + t1 + b"\x02").digest()).digest()
     t3 = b2s(outer + b2s(inner + t2 + b"\x03").digest()).digest()
     return t1, t2, t3
+
+
+def aead_seal(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
+    """AEAD of the whitepaper: ChaCha20-Poly1305 (RFC 8439) under the nonce
+    ``0x00000000 || counter`` (64-bit little endian); ciphertext || 16-byte tag."""
+    return crypto_aead_chacha20poly1305_ietf_encrypt(
+        plaintext, aad, bytes(4) + counter.to_bytes(8, "little"), key
+    )
+
+
+def aead_open(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes | None:
+    """The plaintext of ``aead_seal``, or None when the tag does not verify."""
+    if len(ciphertext) < AEAD_TAG_SIZE:
+        return None
+    try:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(
+            ciphertext, aad, bytes(4) + counter.to_bytes(8, "little"), key
+        )
+    except CryptoError:
+        return None
+
+
+def xaead_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """XAEAD of the whitepaper (the cookie's): XChaCha20-Poly1305 with a
+    24-byte nonce; ciphertext || 16-byte tag."""
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
+
+
+def xaead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+    """The plaintext of ``xaead_seal``, or None when the tag does not verify."""
+    if len(ciphertext) < AEAD_TAG_SIZE:
+        return None
+    try:
+        return crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+    except CryptoError:
+        return None
 
 
 def public_key(private_key: bytes) -> bytes:
@@ -522,11 +570,11 @@ def build_initiation(
     chaining_key = kdf1(keys._chaining_key, e_pub)
     h = _blake2s(keys._hash + e_pub).digest()
     chaining_key, key = kdf2(chaining_key, shared)
-    encrypted_static = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, keys.public_key, h)
+    encrypted_static = _seal(keys.public_key, h, _ZERO_NONCE, key)
     h = _blake2s(h + encrypted_static).digest()
     # (C, k) = KDF2(C, DH(S_priv_i, S_pub_r)), precomputed in Keys
     chaining_key, key = kdf2(chaining_key, keys._static_static)
-    encrypted_timestamp = ChaCha20Poly1305(key).encrypt(_ZERO_NONCE, timestamp, h)
+    encrypted_timestamp = _seal(timestamp, h, _ZERO_NONCE, key)
     h = _blake2s(h + encrypted_timestamp).digest()
 
     template = _INITIATION or initiation_template()
@@ -604,8 +652,8 @@ def consume_response(handshake: Handshake, keys: Keys, datagram: Datagram) -> Re
     _, tau, key = kdf3(chaining_key, keys.preshared_key)
     h = _blake2s(h + tau).digest()
     try:
-        ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, datagram[RESP_EMPTY:RESP_MAC1], h)
-    except InvalidTag:
+        _open(datagram[RESP_EMPTY:RESP_MAC1], h, _ZERO_NONCE, key)
+    except CryptoError:
         return _DECRYPT
     return Accepted(int.from_bytes(datagram[RESP_SENDER:RESP_RECEIVER], "little"))
 
@@ -627,14 +675,13 @@ def consume_cookie_reply(
         return _TYPE
     if datagram[COOKIE_RECEIVER:COOKIE_NONCE] != handshake.sender_index.to_bytes(4, "little"):
         return _INDEX
-    try:
-        value = xchacha.open_(
-            keys._cookie_key,
-            datagram[COOKIE_NONCE:COOKIE_ENCRYPTED],
-            datagram[COOKIE_ENCRYPTED:],
-            handshake.mac1,
-        )
-    except InvalidTag:
+    value = xaead_open(
+        keys._cookie_key,
+        datagram[COOKIE_NONCE:COOKIE_ENCRYPTED],
+        datagram[COOKIE_ENCRYPTED:],
+        handshake.mac1,
+    )
+    if value is None:
         return _DECRYPT
     return CookieReceived(Cookie(value, now))
 

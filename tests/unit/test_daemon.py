@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from nacl.bindings import crypto_scalarmult_base
 
 from natfail import config as cfg
 from natfail.core import ruleset
@@ -88,7 +88,7 @@ class Rig:
         self.hook = tmp / "hook"
         self.hook.write_text("#!/bin/sh\nexit 0\n")
         self.hook.chmod(0o755)
-        public = X25519PrivateKey.generate().public_key().public_bytes_raw()
+        public = crypto_scalarmult_base(os.urandom(32))
         self.server_key = base64.b64encode(public).decode()
         self.calls: list[Call] = []
         self.dp = FakeDataplane(self.calls, installed)

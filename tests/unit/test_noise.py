@@ -1,9 +1,7 @@
-"""natfail.core.noise, tai64n and xchacha: the WireGuard initiator over bytes."""
+"""natfail.core.noise and tai64n: the WireGuard initiator over bytes."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import hmac as std_hmac
 import subprocess
@@ -14,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from natfail.core import noise, tai64n, xchacha
+from natfail.core import noise, tai64n
 from natfail.core.noise import (
     Accepted,
     Cookie,
@@ -213,59 +211,123 @@ def test_kdf_is_hkdf_as_whitepaper(key: bytes, data: bytes) -> None:
     assert list(noise.kdf3(key, data)) == ref(3)
 
 
-def test_hchacha20_draft_vector() -> None:
-    # draft-irtf-cfrg-xchacha-03, section 2.2.1
-    key = bytes(range(32))
-    nonce = bytes.fromhex("000000090000004a0000000031415927")
-    assert xchacha.hchacha20(key, nonce) == bytes.fromhex(
-        "82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc"
-    )
+def test_x25519_rfc7748_vector() -> None:
+    # RFC 7748, section 6.1
+    alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
+    bob = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")
+    alice_public = noise.public_key(alice)
+    bob_public = noise.public_key(bob)
+    assert alice_public.hex() == "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"
+    assert bob_public.hex() == "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"
+    shared = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
+    assert noise.dh(alice, bob_public) == noise.dh(bob, alice_public) == bytes.fromhex(shared)
+
+
+def test_x25519_low_order_is_a_failed_dh_not_an_exception() -> None:
+    # libsodium refuses an all-zero result; noise.dh turns that into None.
+    assert noise.dh(PROBE_PRIVATE, bytes(32)) is None
+    assert noise.dh(PROBE_PRIVATE, (1).to_bytes(32, "little")) is None
+
+
+# RFC 8439, appendix A.5: its nonce 00000000 || 0102030405060708 is a Noise
+# nonce (32 zero bits, then a 64-bit little-endian counter).
+A5_KEY = bytes.fromhex("1c9240a5eb55d38af333888604f6b5f0473917c1402b80099dca5cbc207075c0")
+A5_COUNTER = 0x0807060504030201
+A5_AAD = bytes.fromhex("f33388860000000000004e91")
+A5_PLAINTEXT = (
+    b"Internet-Drafts are draft documents valid for a maximum of six months and may be"
+    b" updated, replaced, or obsoleted by other documents at any time. It is inappropriate"
+    b" to use Internet-Drafts as reference material or to cite them other than as"
+    b" /\xe2\x80\x9cwork in progress./\xe2\x80\x9d"
+)
+A5_SEALED = bytes.fromhex(
+    "64a0861575861af460f062c79be643bd5e805cfd345cf389f108670ac76c8cb2"
+    "4c6cfc18755d43eea09ee94e382d26b0bdb7b73c321b0100d4f03b7f355894cf"
+    "332f830e710b97ce98c8a84abd0b948114ad176e008d33bd60f982b1ff37c855"
+    "9797a06ef4f0ef61c186324e2b3506383606907b6a7c02b0f9f6157b53c867e4"
+    "b9166c767b804d46a59b5216cde7a4e99040c5a40433225ee282a1b0a06c523e"
+    "af4534d7f83fa1155b0047718cbc546a0d072b04b3564eea1b422273f548271a"
+    "0bb2316053fa76991955ebd63159434ecebb4e466dae5a1073a6727627097a10"
+    "49e617d91d361094fa68f0ff77987130305beaba2eda04df997b714d6c6f2c29"
+    "a6ad5cb4022b02709b"
+    "eead9d67890cbb22392336fea1851f38"  # tag
+)
+
+
+def test_chacha20poly1305_rfc8439_vector() -> None:
+    assert noise.aead_seal(A5_KEY, A5_COUNTER, A5_PLAINTEXT, A5_AAD) == A5_SEALED
+    assert noise.aead_open(A5_KEY, A5_COUNTER, A5_SEALED, A5_AAD) == A5_PLAINTEXT
+
+
+# draft-irtf-cfrg-xchacha-03, appendix A.3.1
+XC_KEY = bytes(range(0x80, 0xA0))
+XC_NONCE = bytes(range(0x40, 0x58))
+XC_AAD = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
+XC_PLAINTEXT = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip"
+    b" for the future, sunscreen would be it."
+)
+XC_SEALED = bytes.fromhex(
+    "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
+    "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
+    "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
+    "21f9664c97637da9768812f615c68b13b52e"
+    "c0875924c1c7987947deafd8780acf49"  # tag
+)
 
 
 def test_xchacha20poly1305_draft_vector() -> None:
-    # draft-irtf-cfrg-xchacha-03, appendix A.3.1
-    plaintext = (
-        b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip"
-        b" for the future, sunscreen would be it."
-    )
-    aad = bytes.fromhex("50515253c0c1c2c3c4c5c6c7")
-    key = bytes(range(0x80, 0xA0))
-    nonce = bytes(range(0x40, 0x58))
-    expected = bytes.fromhex(
-        "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
-        "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
-        "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
-        "21f9664c97637da9768812f615c68b13b52e"
-        "c0875924c1c7987947deafd8780acf49"  # tag
-    )
-    assert xchacha.seal(key, nonce, plaintext, aad) == expected
-    assert xchacha.open_(key, nonce, expected, aad) == plaintext
+    assert noise.xaead_seal(XC_KEY, XC_NONCE, XC_PLAINTEXT, XC_AAD) == XC_SEALED
+    assert noise.xaead_open(XC_KEY, XC_NONCE, XC_SEALED, XC_AAD) == XC_PLAINTEXT
 
 
-def _libsodium() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("sodium")
-    if name is None:
-        return None
-    lib = ctypes.CDLL(name)
-    return lib if lib.sodium_init() >= 0 else None
+@pytest.mark.parametrize("x", [False, True], ids=["chacha", "xchacha"])
+def test_aead_open_returns_none_never_raises(x: bool) -> None:
+    """A bad tag, a changed byte or AAD, the wrong nonce, a short ciphertext:
+    None, as callers expect (libsodium raises CryptoError)."""
+    if x:
+        key, nonce, sealed, aad = XC_KEY, XC_NONCE, XC_SEALED, XC_AAD
+
+        def open_(k: bytes, n: bytes, c: bytes, a: bytes) -> bytes | None:
+            return noise.xaead_open(k, n, c, a)
+
+        other_nonce = bytes(24)
+    else:
+        key, sealed, aad = A5_KEY, A5_SEALED, A5_AAD
+        nonce = A5_COUNTER.to_bytes(8, "little")
+
+        def open_(k: bytes, n: bytes, c: bytes, a: bytes) -> bytes | None:
+            return noise.aead_open(k, int.from_bytes(n, "little"), c, a)
+
+        other_nonce = bytes(8)
+    flipped = bytes([sealed[0] ^ 1]) + sealed[1:]
+    bad_tag = sealed[:-1] + bytes([sealed[-1] ^ 0x80])
+    assert open_(key, nonce, flipped, aad) is None
+    assert open_(key, nonce, bad_tag, aad) is None
+    assert open_(key, nonce, sealed, aad + b"x") is None
+    assert open_(key, other_nonce, sealed, aad) is None
+    assert open_(bytes(32), nonce, sealed, aad) is None
+    for size in (0, 1, 15, 16):
+        assert open_(key, nonce, sealed[:size], aad) is None
 
 
-SODIUM = _libsodium()
-
-
-@pytest.mark.skipif(SODIUM is None, reason="libsodium not installed")
-@given(st.binary(min_size=32, max_size=32), st.binary(min_size=24, max_size=24), st.binary())
+@given(
+    st.binary(min_size=32, max_size=32),
+    st.integers(0, 2**64 - 1),
+    st.binary(min_size=24, max_size=24),
+    st.binary(max_size=300),
+    st.binary(max_size=64),
+)
 @settings(max_examples=50)
-def test_xchacha_matches_libsodium(key: bytes, nonce: bytes, plaintext: bytes) -> None:
-    sodium = SODIUM
-    assert sodium is not None
-    out = ctypes.create_string_buffer(len(plaintext) + 16)
-    out_len = ctypes.c_ulonglong()
-    sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        out, ctypes.byref(out_len), plaintext, ctypes.c_ulonglong(len(plaintext)),
-        b"aad", ctypes.c_ulonglong(3), None, nonce, key,
-    )  # fmt: skip
-    assert xchacha.seal(key, nonce, plaintext, b"aad") == out.raw[: out_len.value]
+def test_aead_round_trip(
+    key: bytes, counter: int, nonce: bytes, plaintext: bytes, aad: bytes
+) -> None:
+    sealed = noise.aead_seal(key, counter, plaintext, aad)
+    assert len(sealed) == len(plaintext) + noise.AEAD_TAG_SIZE
+    assert noise.aead_open(key, counter, sealed, aad) == plaintext
+    xsealed = noise.xaead_seal(key, nonce, plaintext, aad)
+    assert len(xsealed) == len(plaintext) + noise.AEAD_TAG_SIZE
+    assert noise.xaead_open(key, nonce, xsealed, aad) == plaintext
 
 
 # --- keys ---------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 Written from the whitepaper (section 5.4) and wireguard-go's noise-protocol.go
 and cookie.go, independently of ``natfail.core.noise``: it shares only the
-primitives (``cryptography`` X25519 and ChaCha20-Poly1305, ``hashlib``
-BLAKE2s, the stdlib ``hmac`` module, and natfail's XChaCha, which has its own
-test vectors). It parses initiations and builds responses and cookie replies
+primitives (libsodium's X25519, ChaCha20-Poly1305 and XChaCha20-Poly1305
+through PyNaCl's ``nacl.bindings``, ``hashlib`` BLAKE2s and the stdlib
+``hmac`` module). It parses initiations and builds responses and cookie replies
 with scapy's ``scapy.contrib.wireguard`` layers, so the tests also show that
 scapy-built packets are consumed correctly by the initiator.
 
@@ -19,17 +19,21 @@ import hmac
 import os
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from nacl.bindings import (
+    crypto_aead_chacha20poly1305_ietf_decrypt,
+    crypto_aead_chacha20poly1305_ietf_encrypt,
+    crypto_aead_xchacha20poly1305_ietf_encrypt,
+    crypto_scalarmult,
+    crypto_scalarmult_base,
+)
+from nacl.exceptions import CryptoError
+from nacl.exceptions import RuntimeError as SodiumError
 from scapy.contrib.wireguard import (
     Wireguard,
     WireguardCookieReply,
     WireguardInitiation,
     WireguardResponse,
 )
-
-from natfail.core import xchacha
 
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
@@ -67,26 +71,31 @@ def KDF(n: int, key: bytes, data: bytes) -> list[bytes]:
 
 
 def DH(private: bytes, public: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(public)
-    )
+    try:
+        return crypto_scalarmult(private, public)
+    except SodiumError:  # libsodium refuses an all-zero result (a low-order point)
+        raise Rejected("low-order point") from None
 
 
 def DH_PUB(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    return crypto_scalarmult_base(private)
 
 
 def AEAD(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
     nonce = b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
-    return ChaCha20Poly1305(key).encrypt(nonce, plaintext, aad)
+    return crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
 
 
 def AEAD_OPEN(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:
     nonce = b"\x00\x00\x00\x00" + counter.to_bytes(8, "little")
     try:
-        return ChaCha20Poly1305(key).decrypt(nonce, ciphertext, aad)
-    except InvalidTag:
+        return crypto_aead_chacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+    except CryptoError:
         raise Rejected("aead") from None
+
+
+def XAEAD(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    return crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
 
 
 @dataclass
@@ -142,7 +151,7 @@ class Responder:
     ) -> bytes:
         packet = Wireguard(initiation)
         nonce = os.urandom(24) if nonce is None else nonce
-        sealed = xchacha.seal(
+        sealed = XAEAD(
             HASH(LABEL_COOKIE + self.public_key),
             nonce,
             self.cookie_for(source),
@@ -261,7 +270,7 @@ def forge_cookie_reply(
     key alone (as anyone can): ``cookie`` is any 16 bytes the forger likes."""
     packet = Wireguard(initiation)
     nonce = os.urandom(24) if nonce is None else nonce
-    sealed = xchacha.seal(
+    sealed = XAEAD(
         HASH(LABEL_COOKIE + server_public_key), nonce, cookie, packet[WireguardInitiation].mac1
     )
     reply = Wireguard(message_type=3) / WireguardCookieReply(
