@@ -45,6 +45,11 @@ def _build_parser() -> ArgumentParser:
         action="store_true",
         help="with `demo`: run no agents on the backends, to compare with WireGuard's own recovery",
     )
+    parser.add_argument(
+        "--pair",
+        action="store_true",
+        help="with `demo`: two gateways under keepalived in pair mode; the master dies",
+    )
     return parser
 
 
@@ -185,10 +190,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "agent":
         return _run_agent(args.config, args.check_config)
+    if args.pair and args.command != "demo":
+        raise UsageError("--pair goes with `demo`")
+    if args.pair and args.no_agent:
+        raise UsageError("demo --pair needs the agents: --pair and --no-agent do not go together")
     if args.command == "demo":
         from natfail import demo
 
-        return demo.run(agents=not args.no_agent)
+        return demo.run(agents=not args.no_agent, pair=args.pair)
     return _run_daemon(args.config)
 
 
