@@ -15,14 +15,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ["probe", "dataplane", "conntrack", "repair", "failover", "nginx"]
+OPTIONAL = ["hitless"]
+"""Run only when named in --only: bench_hitless takes about 25 minutes."""
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHES))
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated subset of " + ",".join(BENCHES + OPTIONAL),
+    )
     parser.add_argument("--kills", type=int, default=20, help="kills in bench_failover")
     args = parser.parse_args()
-    chosen = [b for b in BENCHES if not args.only or b in args.only.split(",")]
+    only = args.only.split(",") if args.only else BENCHES
+    chosen = [b for b in BENCHES + OPTIONAL if b in only]
     failed: list[str] = []
     started = time.monotonic()
     for name in chosen:

@@ -1,6 +1,7 @@
 """Draws the plots of docs/images/ from bench/results/*.json (matplotlib, Agg backend).
 
-Usage: .venv/bin/python bench/plot.py   (a missing results file skips its plot)
+Usage: .venv/bin/python bench/plot.py [NAME...]   (a missing results file skips its plot;
+NAMEs, e.g. ``hitless``, draw only those)
 """
 
 from __future__ import annotations
@@ -326,6 +327,93 @@ def scale(data: dict[str, Any]) -> None:
     save(fig, "scale.png", data)
 
 
+HITLESS_SETUPS = (
+    ("agents", "natfail\nwith agents", "#2ca02c"),
+    ("no-agent", "natfail\nwithout agents", "#1f77b4"),
+    ("nginx", "NGINX stream", "#d62728"),
+)
+
+
+def hitless(data: dict[str, Any]) -> None:
+    setups = data["setups"]
+    targets = data.get("targets", {})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharey=True)
+    panels = (
+        ("crash", "Active backend killed: kill → first ping reply"),
+        ("switch", "Planned switch (natfailctl switch): swap → first ping reply"),
+    )
+    for ax, (kind, title) in zip(axes, panels, strict=True):
+        for x, (name, _, colour) in enumerate(HITLESS_SETUPS):
+            part = (setups.get(name) or {}).get(kind)
+            if not part:
+                ax.text(
+                    x, 0.3, "not measured\n(crashes only)", ha="center", fontsize=8, color="grey"
+                )
+                continue
+            secs = [v / 1000 for v in part["outage_samples_ms"]]
+            xs = [x + 0.25 * ((i * 0.618) % 1 - 0.5) for i in range(len(secs))]
+            ax.scatter(xs, secs, s=14, color=colour, alpha=0.7, zorder=3)
+            o = part["outage_ms"]
+            ax.hlines(o["median"] / 1000, x - 0.3, x + 0.3, color="black", lw=1.5, zorder=4)
+            ax.text(
+                x,
+                max(secs) * 1.35,
+                f"median {o['median'] / 1000:.2f} s\np90 {o['p90'] / 1000:.2f} s\n"
+                f"max {o['max'] / 1000:.2f} s",
+                fontsize=7,
+                ha="center",
+                va="bottom",
+            )
+            detected = part.get("detected_samples_ms")
+            if kind == "crash" and detected:
+                ax.scatter(
+                    [x - 0.27 + 0.06 * ((i * 0.618) % 1 - 0.5) for i in range(len(detected))],
+                    [v / 1000 for v in detected],
+                    s=12,
+                    marker="x",
+                    color="grey",
+                    lw=0.8,
+                    zorder=3,
+                    label="failure detected (probes)" if x == 0 else None,
+                )
+        t = targets.get(f"{kind}_outage_median_s")
+        if kind == "crash":
+            det = (setups.get("agents") or {}).get("crash", {}).get("detected_ms")
+            t = targets.get("crash_outage_minus_detection_median_s")
+            t = det["median"] / 1000 + t if det and t is not None else None
+        if t is not None:
+            what = "median detection + 0.2 s = " if kind == "crash" else ""
+            ax.hlines(
+                t,
+                -0.4,
+                0.4,
+                color="red",
+                ls="--",
+                lw=0.8,
+                zorder=5,
+                label=f"target: {what}{t:.2f} s",
+            )
+        counts = []
+        for name, label, _ in HITLESS_SETUPS:
+            part = (setups.get(name) or {}).get(kind)
+            counts.append(f"{label}\n({part['events']} runs)" if part else label)
+        ax.set_xticks(range(len(HITLESS_SETUPS)), counts, fontsize=8)
+        ax.set_xlim(-0.5, len(HITLESS_SETUPS) - 0.2)
+        ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, axis="y", which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylim(0.01, 100)
+    axes[0].set_ylabel("client's outage, s (log scale)")
+    p = data["probe"]
+    fig.suptitle(
+        f"Client's outage on a failover (probe every {p['interval']} s, timeout "
+        f"{p['timeout']} s, fall {p['fall']}; ping every {data['ping_interval_s'] * 1000:.0f} ms)",
+        fontsize=10,
+    )
+    save(fig, "hitless.png", data)
+
+
 def main() -> int:
     plots = [
         ("failover", failover),
@@ -335,9 +423,13 @@ def main() -> int:
         ("nginx", nginx),
         ("soak", soak),
         ("scale", scale),
+        ("hitless", hitless),
     ]
+    wanted = sys.argv[1:]
     failed = 0
     for name, draw in plots:
+        if wanted and name not in wanted:
+            continue
         data = load(name)
         if data is None:
             failed += 1
