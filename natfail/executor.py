@@ -160,7 +160,8 @@ class Executor:
             cleanup * 1000,
         )
         self._d.switches.add(record)
-        log.warning("%s", record.line())
+        # A move of traffic is a warning; the first choice after a start is not.
+        log.log(logging.INFO if effect.previous is None else logging.WARNING, "%s", record.line())
         rt = self._d.services.get(effect.service)
         if rt is None:
             return

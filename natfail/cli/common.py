@@ -25,7 +25,14 @@ class Unreachable(Exception):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse already exits 2 on usage errors; this keeps its message to one
-    line (no usage dump) so scripts and the journal get a single clear line."""
+    line (no usage dump) so scripts and the journal get a single clear line.
+    Every program has ``--version``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        from natfail import __version__
+
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")

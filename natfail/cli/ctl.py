@@ -57,6 +57,12 @@ def _build_parser() -> ArgumentParser:
 
     status = sub.add_parser("status", help="services, backends, health, RTT, active backend")
     status.add_argument("--json", action="store_true", help="the JSON object of the contract")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="for monitoring: one line, exit 0 ok, 1 warning (a backend down or a "
+        "warning), 2 critical (a service without a healthy backend), 3 unreachable",
+    )
     events = sub.add_parser("events", help="the last switches of the active backends")
     events.add_argument("--json", action="store_true", help="one JSON object")
     events.add_argument(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,49 @@ def _agent(agent: Any) -> str:
     return f"{agent.get('clients', 0)} clients"
 
 
+def _age(since: Any, now: datetime) -> str:
+    """How long ago ``since`` (ISO 8601) was: 42s, 7m, 3h, 2d."""
+    try:
+        then = datetime.fromisoformat(str(since))
+    except ValueError:
+        return "-"
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def check_status(services: list[Any]) -> tuple[int, str]:
+    """The monitoring verdict of a status: exit code and one line."""
+    critical = [
+        s.get("name")
+        for s in services
+        if isinstance(s, dict) and (s.get("no_healthy_backend") or not s.get("active"))
+    ]
+    warned: list[str] = []
+    for s in services:
+        if not isinstance(s, dict) or s.get("name") in critical:
+            continue
+        down = [
+            b.get("name")
+            for b in s.get("backends") or []
+            if isinstance(b, dict) and b.get("state") in ("down", "unknown")
+        ]
+        if down or s.get("warnings"):
+            what = f"{', '.join(map(str, down))} not up" if down else "warnings"
+            warned.append(f"{s.get('name')} ({what})")
+    if critical:
+        return exitcodes.CHECK_CRITICAL, "CRITICAL: no healthy backend for " + ", ".join(
+            map(str, critical)
+        )
+    if warned:
+        return exitcodes.CHECK_WARNING, "WARNING: " + "; ".join(warned)
+    return exitcodes.OK, f"OK: {len(services)} service(s), each on a healthy backend"
+
+
 def _print_status(reply: dict[str, Any]) -> None:
+    now = datetime.now(timezone.utc)
     for index, service in enumerate(reply.get("services", [])):
         if index:
             print()
@@ -73,9 +116,12 @@ def _print_status(reply: dict[str, Any]) -> None:
             f"active {service.get('active') or '-'}{pinned}  "
             f"failovers {service.get('failovers', 0)}{shown_role}"
         )
+        if service.get("no_healthy_backend"):
+            active = service.get("active") or "nothing"
+            print(f"  NO HEALTHY BACKEND: traffic stays on {active}")
         for warning in service.get("warnings") or []:
             print(f"  warning: {warning}")
-        rows = [("BACKEND", "ADDRESS", "STATE", "RTT", "AGENT", "SINCE")]
+        rows = [("BACKEND", "ADDRESS", "STATE", "PRIO", "RTT", "AGENT", "FOR", "REASON")]
         for backend in service.get("backends", []):
             marker = "*" if backend.get("name") == service.get("active") else " "
             rows.append(
@@ -83,9 +129,11 @@ def _print_status(reply: dict[str, Any]) -> None:
                     f"{marker}{backend.get('name')}",
                     str(backend.get("address")),
                     str(backend.get("state")),
+                    str(backend.get("priority", "-")),
                     _rtt(backend.get("rtt_ms")),
                     _agent(backend.get("agent")),
-                    str(backend.get("since") or "-"),
+                    _age(backend.get("since"), now),
+                    str(backend.get("reason") or "-") if backend.get("state") != "up" else "-",
                 )
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -123,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         return exitcodes.OK
     if command == "status":
         status = {"services": reply.get("services", [])}
+        if args.check:
+            code, line = check_status(status["services"])
+            print(line)
+            return code
         if args.json:
             print(json.dumps(status, indent=2))
         else:

@@ -104,7 +104,16 @@ def _line(target: cfg.Endpoint, result: ProbeResult) -> str:
     if result.invalid_replies:
         line += f", {result.invalid_replies} invalid repl"
         line += "y" if result.invalid_replies == 1 else "ies"
+    if not result.up and result.reason == "timeout" and not result.invalid_replies:
+        line += f"; {TIMEOUT_CAUSES}"
     return line
+
+
+TIMEOUT_CAUSES = (
+    "WireGuard drops what it cannot authenticate without a word, so the usual causes "
+    "are: the probe key is not a peer on the backend (natfailctl probe-peer), "
+    "--server-key is not the backend's public key, or UDP to that port does not arrive"
+)
 
 
 def probe(args: argparse.Namespace) -> int:

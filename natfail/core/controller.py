@@ -264,7 +264,7 @@ def observe_round(state: ServiceState, probe_round: Round) -> Outcome:
         if new.state != old.state:
             effects.append(
                 Log(
-                    logging.INFO,
+                    logging.WARNING if new.state is hl.HealthState.DOWN else logging.INFO,
                     f"{state.name}: backend {result.backend} is {new.state.value} "
                     f"({_describe(result)})",
                 )

@@ -71,6 +71,7 @@ def render(
                 "pinned": state.pin is not None,
                 "failovers": state.failovers,
                 "role": state.role,
+                "no_healthy_backend": state.no_healthy,
                 "backends": backends,
                 "warnings": [
                     *foreign_warning(state.service.public, foreign.get(state.name, {})),

@@ -25,6 +25,7 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
+from natfail import __version__
 from natfail.io.loop_errors import RepeatLog, accept_failure
 from natfail.oneline import error_line
 
@@ -357,6 +358,13 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
+        self.build_info = Gauge(
+            "natfail_build_info",
+            "Always 1; the version of the running natfail",
+            ["version"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__).set(1)
         self._listener: _Listener | None = None
 
     def serve(self, host: str, port: int) -> None:

@@ -103,6 +103,8 @@ def test_wrong_server_key_is_down(backends_up: Lab) -> None:
     )
     assert proc.returncode == 1
     assert ": down, timeout" in proc.stdout, proc.stdout
+    # the likely causes are named, the wrong key among them
+    assert "--server-key is not the backend's public key" in proc.stdout, proc.stdout
 
 
 def test_port_with_nothing_behind_it_is_down(backends_up: Lab) -> None:
