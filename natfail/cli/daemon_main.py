@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from natfail import exitcodes
 from natfail.cli.common import ArgumentParser, Refused, UsageError, guarded
 
 if TYPE_CHECKING:
@@ -54,11 +55,16 @@ def _build_parser() -> ArgumentParser:
 
 
 def _setup_logging() -> None:
-    # Under systemd the journal stamps every line; a terminal gets our own time.
-    fmt = "%(levelname)s %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    from natfail.logformat import JournalFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        # Under systemd the journal stamps every line and reads its priority
+        # from a "<N>" prefix: `journalctl -p warning` shows the failovers.
+        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _run_daemon(config_path: Path | None) -> int:
@@ -81,6 +87,13 @@ def _run_daemon(config_path: Path | None) -> int:
     except LockError as exc:
         raise Refused(str(exc)) from None
     try:
+        from natfail import preflight
+
+        found = preflight.check(conf)
+        if found:
+            for line in found:
+                sys.stderr.write(f"{PROG}: {line}\n")
+            return exitcodes.FAILED
         return _run_locked(conf)
     finally:
         lock.release()
