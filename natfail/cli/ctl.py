@@ -114,7 +114,9 @@ def _check_config(config_opt: Path | None, file: Path | None) -> int:
     try:
         conf = cfg.load(path)
     except cfg.ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        for problem in exc.problems:  # every one found, one line each
+            sys.stderr.write(f"{PROG}: {problem}\n")
+        return exitcodes.USAGE
     problems = cfg.check_files(conf)
     if problems:
         for line in problems:

@@ -62,6 +62,8 @@ class ConfigError(Exception):
         self.message = message
         self.line = line
         self.problem = Problem(self.file, key, message, line)
+        self.problems: tuple[Problem, ...] = (self.problem,)
+        """Every problem found, the first one (``problem``) included."""
 
     @classmethod
     def from_problem(cls, problem: Problem) -> ConfigError:
@@ -84,6 +86,14 @@ class Invalid(Exception):
         super().__init__(where, message)
         self.where = where
         self.message = message
+
+
+class InvalidAll(Invalid):
+    """Several problems in one document, in file order; reads as the first."""
+
+    def __init__(self, found: list[Invalid]) -> None:
+        super().__init__(found[0].where, found[0].message)
+        self.found = tuple(found)
 
 
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")

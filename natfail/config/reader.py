@@ -16,7 +16,14 @@ else:  # pragma: no cover - Python 3.10 has no tomllib
 
 from natfail.config.files import Unreadable, read_regular
 from natfail.config.lines import line_of
-from natfail.config.problems import ConfigError, Invalid, escape_unprintable, render
+from natfail.config.problems import (
+    ConfigError,
+    Invalid,
+    InvalidAll,
+    Problem,
+    escape_unprintable,
+    render,
+)
 from natfail.config.schema import build
 from natfail.core.model import Config
 
@@ -48,8 +55,13 @@ def from_mapping(data: Mapping[str, object], path: Path | str, *, source: str = 
     try:
         return build(data, path)
     except Invalid as exc:
-        line = line_of(source, exc.where)
-        raise ConfigError(path, render(exc.where), exc.message, line) from None
+        found = exc.found if isinstance(exc, InvalidAll) else (exc,)
+        problems = tuple(
+            Problem(path, render(p.where), p.message, line_of(source, p.where)) for p in found
+        )
+        error = ConfigError.from_problem(problems[0])
+        error.problems = problems
+        raise error from None
 
 
 def parse(text: str, path: Path | str) -> Config:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from natfail.config.keys import decode_key
-from natfail.config.problems import Invalid
+from natfail.config.problems import Invalid, InvalidAll
 from natfail.config.tables import Table
 from natfail.core import ruleset
 from natfail.core.model import (
@@ -193,28 +193,43 @@ def _backend(table: Table, public: Endpoint) -> Backend:
     return Backend(name, address, priority, agent)
 
 
-def _backends(service: Table, public: Endpoint, pair: bool) -> tuple[Backend, ...]:
+def _backends(
+    service: Table, public: Endpoint, pair: bool, found: list[Invalid]
+) -> tuple[Backend, ...]:
+    """The service's backends; a backend with a problem is left out, its
+    problem added to ``found`` (every backend is checked)."""
     tables = service.tables("backend", "[[service.backend]]", _BACKEND_KEYS)
     backends: list[Backend] = []
     for table in tables:
-        backend = _backend(table, public)
-        if pair and backend.agent is None:
-            # The two gateways agree on the active backend through the agents.
-            raise table.invalid(
-                "agent", "missing: [daemon] pair = true needs an agent on every backend"
-            )
-        for other in backends:
-            if other.name == backend.name:
-                raise table.invalid("name", f"duplicate backend name {backend.name!r}")
-            if other.address == backend.address:
-                raise table.invalid(
-                    "address", f"{backend.address} is already the address of {other.name!r}"
-                )
-        backends.append(backend)
+        try:
+            backends.append(_checked_backend(table, public, pair, backends))
+        except Invalid as exc:
+            found.append(exc)
     return tuple(backends)
 
 
-def _service(table: Table, default_probe: ProbeSettings, pair: bool) -> Service:
+def _checked_backend(
+    table: Table, public: Endpoint, pair: bool, backends: list[Backend]
+) -> Backend:
+    backend = _backend(table, public)
+    if pair and backend.agent is None:
+        # The two gateways agree on the active backend through the agents.
+        raise table.invalid(
+            "agent", "missing: [daemon] pair = true needs an agent on every backend"
+        )
+    for other in backends:
+        if other.name == backend.name:
+            raise table.invalid("name", f"duplicate backend name {backend.name!r}")
+        if other.address == backend.address:
+            raise table.invalid(
+                "address", f"{backend.address} is already the address of {other.name!r}"
+            )
+    return backend
+
+
+def _service(
+    table: Table, default_probe: ProbeSettings, pair: bool, found: list[Invalid]
+) -> Service:
     # Checked in the order the keys are documented, so the first error a
     # user sees is the first one in the file.
     name = _name(table)
@@ -230,11 +245,14 @@ def _service(table: Table, default_probe: ProbeSettings, pair: bool) -> Service:
         source_nat=table.choice("source_nat", SOURCE_NATS, DEFAULT_SOURCE_NAT),
         notify=table.optional_path("notify", None),
         probe=_probe(table.sub("probe", _PROBE_KEYS), default_probe),
-        backends=_backends(table, public, pair),
+        backends=_backends(table, public, pair, found),
     )
 
 
-def _services(root: Table, default_probe: ProbeSettings, pair: bool) -> tuple[Service, ...]:
+def _services(
+    root: Table, default_probe: ProbeSettings, pair: bool, found: list[Invalid]
+) -> tuple[Service, ...]:
+    """The valid services; every problem of the others goes to ``found``."""
     services: list[Service] = []
     # Indexes of what earlier services took, so a thousand services are
     # checked in linear time; the first conflict in file order is reported.
@@ -243,49 +261,20 @@ def _services(root: Table, default_probe: ProbeSettings, pair: bool) -> tuple[Se
     by_address: dict[Endpoint, tuple[int, str]] = {}
     by_agent: dict[tuple[Endpoint, bytes], str] = {}
     for table in root.tables("service", "[[service]]", _SERVICE_KEYS):
-        service = _service(table, default_probe, pair)
-        if pair:
-            # An agent records one activation epoch per interface: two services
-            # on one interface would read each other's choices.
-            for index, backend in enumerate(service.backends):
-                if backend.agent is None:
-                    continue
-                owner = by_agent.setdefault(
-                    (backend.agent, service.server_public_key), service.name
-                )
-                if owner != service.name:
-                    raise Invalid(
-                        (*table.at("backend"), index, "agent"),
-                        f"the agent at {backend.agent} already serves service {owner!r} with "
-                        "the same server key; in a pair each WireGuard interface serves one "
-                        "service",
-                    )
-        conflicts: list[tuple[int, int, int]] = []  # (earlier service, kind, backend index)
-        if service.name in by_name:
-            conflicts.append((by_name[service.name], 0, 0))
-        if service.public in by_public:
-            conflicts.append((by_public[service.public], 1, 0))
-        for index, backend in enumerate(service.backends):
-            if backend.address in by_address:
-                conflicts.append((by_address[backend.address][0], 2, index))
-        if conflicts:
-            other_index, kind, index = min(conflicts)
-            other = services[other_index]
-            if kind == 0:
-                raise table.invalid("name", f"duplicate service name {service.name!r}")
-            if kind == 1:
-                raise table.invalid(
-                    "public", f"{service.public} is already the public endpoint of {other.name!r}"
-                )
-            # One address behind two public endpoints: its own packets
-            # could leave as only one of them (one SNAT per source).
-            backend = service.backends[index]
-            taken = by_address[backend.address][1]
-            raise Invalid(
-                (*table.at("backend"), index, "address"),
-                f"{backend.address} is already the address of backend "
-                f"{taken!r} of service {other.name!r}; a backend serves one service",
-            )
+        in_backends: list[Invalid] = []
+        try:
+            service = _service(table, default_probe, pair, in_backends)
+        except Invalid as exc:
+            found.append(exc)
+            continue
+        if in_backends:
+            found.extend(in_backends)
+            continue
+        try:
+            _conflicts(table, service, services, pair, by_name, by_public, by_address, by_agent)
+        except Invalid as exc:
+            found.append(exc)
+            continue
         position = len(services)
         by_name.setdefault(service.name, position)
         by_public.setdefault(service.public, position)
@@ -295,15 +284,86 @@ def _services(root: Table, default_probe: ProbeSettings, pair: bool) -> tuple[Se
     return tuple(services)
 
 
+def _conflicts(
+    table: Table,
+    service: Service,
+    services: list[Service],
+    pair: bool,
+    by_name: dict[str, int],
+    by_public: dict[Endpoint, int],
+    by_address: dict[Endpoint, tuple[int, str]],
+    by_agent: dict[tuple[Endpoint, bytes], str],
+) -> None:
+    """Raises Invalid where ``service`` takes what an earlier one has."""
+    if pair:
+        # An agent records one activation epoch per interface: two services
+        # on one interface would read each other's choices.
+        for index, backend in enumerate(service.backends):
+            if backend.agent is None:
+                continue
+            owner = by_agent.setdefault((backend.agent, service.server_public_key), service.name)
+            if owner != service.name:
+                raise Invalid(
+                    (*table.at("backend"), index, "agent"),
+                    f"the agent at {backend.agent} already serves service {owner!r} with "
+                    "the same server key; in a pair each WireGuard interface serves one "
+                    "service",
+                )
+    conflicts: list[tuple[int, int, int]] = []  # (earlier service, kind, backend index)
+    if service.name in by_name:
+        conflicts.append((by_name[service.name], 0, 0))
+    if service.public in by_public:
+        conflicts.append((by_public[service.public], 1, 0))
+    for index, backend in enumerate(service.backends):
+        if backend.address in by_address:
+            conflicts.append((by_address[backend.address][0], 2, index))
+    if conflicts:
+        other_index, kind, index = min(conflicts)
+        other = services[other_index]
+        if kind == 0:
+            raise table.invalid("name", f"duplicate service name {service.name!r}")
+        if kind == 1:
+            raise table.invalid(
+                "public", f"{service.public} is already the public endpoint of {other.name!r}"
+            )
+        # One address behind two public endpoints: its own packets
+        # could leave as only one of them (one SNAT per source).
+        backend = service.backends[index]
+        taken = by_address[backend.address][1]
+        raise Invalid(
+            (*table.at("backend"), index, "address"),
+            f"{backend.address} is already the address of backend "
+            f"{taken!r} of service {other.name!r}; a backend serves one service",
+        )
+
+
 def build(data: object, path: Path) -> Config:
-    """The model of a parsed document; raises Invalid at the first problem."""
+    """The model of a parsed document; raises Invalid with the first problem
+    (:class:`InvalidAll` when there are more: every table is checked)."""
     root = Table(data, (), _ROOT_KEYS, _base_dir(path))
-    daemon = _daemon(root.sub("daemon", _DAEMON_KEYS))
-    probe = _probe(root.sub("probe", _PROBE_KEYS), DEFAULT_PROBE)
-    services = _services(root, probe, daemon.pair)
-    problems = ruleset.validate(services)
-    if problems:
-        raise Invalid(("service",), problems[0])
+    found: list[Invalid] = []
+    daemon, probe = DEFAULT_DAEMON, DEFAULT_PROBE
+    try:
+        daemon = _daemon(root.sub("daemon", _DAEMON_KEYS))
+    except Invalid as exc:
+        found.append(exc)
+    try:
+        probe = _probe(root.sub("probe", _PROBE_KEYS), DEFAULT_PROBE)
+    except Invalid as exc:
+        found.append(exc)
+    services: tuple[Service, ...] = ()
+    try:
+        services = _services(root, probe, daemon.pair, found)
+    except Invalid as exc:  # no [[service]] array at all, or not one
+        found.append(exc)
+    if not found:
+        problems = ruleset.validate(services)
+        if problems:
+            raise Invalid(("service",), problems[0])
+    if len(found) == 1:
+        raise found[0]
+    if found:
+        raise InvalidAll(found)
     return Config(path, daemon, probe, services)
 
 

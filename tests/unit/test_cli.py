@@ -344,3 +344,28 @@ def test_masquerade_with_agents_is_one_warning(
     assert ctl.main(["check-config", str(path)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "masquerade" in err[0] and "warning" in err[0], err
+
+
+def test_check_config_reports_every_problem_of_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "natfail.toml"
+    conf.write_text(
+        '[daemon]\nfirewall = "pf"\n\n[probe]\ninterval = -1\n\n'
+        + test_config.MINIMAL
+        + '\n[[service.backend]]\nname = "b"\naddress = "10.0.0.3"\npriority = 90\n'
+        + '\n[[service]]\nname = "wg1"\npublic = "nope"\n'
+    )
+    assert ctl.main(["check-config", str(conf)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(": ")[2] for line in lines] == [
+        "daemon.firewall",
+        "probe.interval",
+        "service[0].backend[1].address",
+        "service[1].public",
+    ], lines
+    assert all("(line " in line for line in lines)
+    # the daemon refuses the same file with the first of them, one line
+    assert daemon_main.main(["-c", str(conf)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "daemon.firewall" in line
