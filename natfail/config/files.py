@@ -5,6 +5,7 @@ hang it or exhaust its memory, and a file another user may change is refused."""
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -61,10 +62,22 @@ def read_regular(
     return b"".join(chunks)
 
 
+SERVICE_USER = "natfail"
+"""The user systemd/natfail.service runs the daemon as: root checking a config
+(`natfailctl check-config`, `probe`) must accept the key the daemon will read."""
+
+
+def service_uid() -> int | None:
+    try:
+        return pwd.getpwnam(SERVICE_USER).pw_uid
+    except KeyError:
+        return None
+
+
 def foreign_owner(uid: int, what: str) -> str | None:
     """Why a file another user owns is refused: its owner can change it at will
     (a key to impersonate the probe, a hook to run as natfail, CAP_NET_ADMIN)."""
-    if uid in (0, os.geteuid()):
+    if uid in (0, os.geteuid(), service_uid()):
         return None
     return (
         f"is owned by uid {uid}: {what} must be owned by root or by the user natfail "

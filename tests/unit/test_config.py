@@ -1390,6 +1390,21 @@ def test_key_and_hook_owned_by_another_user_are_refused(tmp_path: Path) -> None:
     assert all("is owned by uid 4242" in p for p in problems)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_a_key_owned_by_the_service_user_is_accepted_by_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packaged key is natfail:natfail 0600; root's check-config reads it too."""
+    from natfail.config import files
+
+    conf = write_config(tmp_path)
+    write_key(tmp_path / "probe.key", KEY + "\n")
+    os.chown(tmp_path / "probe.key", 4243, -1)
+    assert len(check_files(conf)) == 1  # no such service user: refused
+    monkeypatch.setattr(files, "service_uid", lambda: 4243)
+    assert [str(p) for p in check_files(conf)] == []
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
 def test_a_hook_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
     conf = write_config(tmp_path, service_extra='notify = "hook"')
