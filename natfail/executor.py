@@ -124,7 +124,8 @@ class Executor:
         for effect in effects:
             try:
                 if isinstance(effect, ctl.Log):
-                    log.log(effect.level, "%s", effect.message)
+                    fields = {"NATFAIL_SERVICE": rt.state.name, "NATFAIL_BACKEND": effect.backend}
+                    log.log(effect.level, "%s", effect.message, extra={"journal": fields})
                 elif isinstance(effect, ctl.Cleanup):
                     await self._d.firewall.cleanup(effect)
                 elif isinstance(effect, ctl.Switched):
@@ -161,7 +162,14 @@ class Executor:
         )
         self._d.switches.add(record)
         # A move of traffic is a warning; the first choice after a start is not.
-        log.log(logging.INFO if effect.previous is None else logging.WARNING, "%s", record.line())
+        fields = {
+            "NATFAIL_SERVICE": effect.service,
+            "NATFAIL_BACKEND": effect.active,
+            "NATFAIL_FROM": effect.previous,
+            "NATFAIL_REASON": effect.reason,
+        }
+        level = logging.INFO if effect.previous is None else logging.WARNING
+        log.log(level, "%s", record.line(), extra={"journal": fields})
         rt = self._d.services.get(effect.service)
         if rt is None:
             return

@@ -55,12 +55,17 @@ def _build_parser() -> ArgumentParser:
 
 
 def _setup_logging() -> None:
+    from natfail.io import journal
     from natfail.logformat import JournalFormatter
 
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        # Under systemd the journal stamps every line and reads its priority
-        # from a "<N>" prefix: `journalctl -p warning` shows the failovers.
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") and journal.available():
+        # Under systemd: records with their priority and fields (service,
+        # backend), so `journalctl -p warning` shows the failovers.
+        handler = journal.JournalHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):
+        # The journal reads a line's priority from a "<N>" prefix.
         handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

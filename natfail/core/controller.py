@@ -113,6 +113,8 @@ class ServiceState:
 class Log:
     level: int
     message: str
+    backend: str | None = None
+    """The backend the line is about, for the journal's fields."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,7 @@ def observe_round(state: ServiceState, probe_round: Round) -> Outcome:
                     logging.WARNING if new.state is hl.HealthState.DOWN else logging.INFO,
                     f"{state.name}: backend {result.backend} is {new.state.value} "
                     f"({_describe(result)})",
+                    result.backend,
                 )
             )
             if new.state is hl.HealthState.DOWN and result.backend != state.active:
