@@ -215,6 +215,17 @@ class Daemon:
         if outcomes:
             self.agent_polls.poke()  # what the agents recorded, now
 
+    def declare_metrics(self, rt: ServiceRuntime) -> None:
+        if self.metrics:
+            service = rt.service
+            self.metrics.declare(
+                service.name,
+                [b.name for b in service.backends],
+                rt.state.active,
+                rt.state.role,
+                sorted(rt.state.agents),
+            )
+
     def actives(self) -> dict[str, str | None]:
         return {name: rt.state.active for name, rt in self.services.items()}
 
@@ -303,6 +314,8 @@ class Daemon:
             if self.config.daemon.metrics_listen and self.metrics:
                 host, port = cfg.parse_listen(self.config.daemon.metrics_listen)
                 self.metrics.serve(host, port)
+            for rt in self.services.values():
+                self.declare_metrics(rt)
             self.prober.start()
             self.agent_polls.start()
             if self.addresses is not None:
@@ -313,9 +326,6 @@ class Daemon:
                     roles.count("decide"),
                     roles.count("follow"),
                 )
-                if self.metrics:
-                    for rt in self.services.values():
-                        self.metrics.role(rt.service.name, rt.state.role)
             if self._watch_ruleset is not None:
                 watcher = self._watch_ruleset(self._reconcile_requested.set, self.firewall.own)
                 self._background.add(watcher)

@@ -130,6 +130,7 @@ class Reloader:
             if rt is None:
                 services[name] = ServiceRuntime(state, keys[name])
                 d.schedule.add(name, state.service.probe.interval, now)
+                d.declare_metrics(services[name])
                 continue
             changed = rt.state.service != state.service or rt.keys != keys[name]
             rt.state, rt.keys = state, keys[name]

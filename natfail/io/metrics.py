@@ -418,6 +418,23 @@ class Metrics:
         else:
             self.activations_unanswered.labels(service, backend).inc()
 
+    def declare(
+        self, service: str, backends: list[str], active: str | None, role: str, agents: list[str]
+    ) -> None:
+        """Every series of a service, before its first event: a dashboard and
+        an alert see 0 instead of nothing (a backend is 0, not up, until a
+        probe says so)."""
+        for name in backends:
+            self.backend_up.labels(service, name).set(0)
+        self.set_active(service, backends, active)
+        self.failovers.labels(service, "failover")
+        self.role(service, role)
+        for name in agents:
+            self.agent_up.labels(service, name).set(0)
+            self.agent_clients.labels(service, name).set(0)
+            self.peers_activated.labels(service, name)
+            self.activations_unanswered.labels(service, name)
+
     def role(self, service: str, role: str) -> None:
         self.deciding.labels(service).set(0 if role == "follow" else 1)
 

@@ -35,6 +35,25 @@ def test_events_become_series() -> None:
     assert 'service="wg0"' not in _text(m)
 
 
+def test_every_series_exists_before_its_first_event() -> None:
+    m = Metrics()
+    m.declare("wg0", ["a", "b"], None, "follow", ["b"])
+    text = _text(m)
+    for series in (
+        'natfail_backend_up{backend="a",service="wg0"} 0.0',
+        'natfail_active_backend{backend="b",service="wg0"} 0.0',
+        'natfail_failovers_total{reason="failover",service="wg0"} 0.0',
+        'natfail_deciding{service="wg0"} 0.0',
+        'natfail_agent_up{backend="b",service="wg0"} 0.0',
+        'natfail_agent_peers_activated_total{backend="b",service="wg0"} 0.0',
+        'natfail_build_info{version="',
+    ):
+        assert series in text, series
+    assert 'natfail_agent_up{backend="a"' not in text  # a has no agent
+    m.forget("wg0")
+    assert 'service="wg0"' not in _text(m)
+
+
 def _serving() -> tuple[Metrics, int]:
     m = Metrics()
     m.health("wg0", "a", True)
