@@ -95,10 +95,17 @@ class Gateway:
         gw = self.lab.gateway
         self.lab.exec(gw, ["nft", "delete", "table", "inet", "natfail"], check=False)
         for tool in ("iptables-legacy", "ip6tables-legacy"):
-            for hook, chain in (("PREROUTING", "NATFAIL-PRE"), ("POSTROUTING", "NATFAIL-POST")):
-                self.lab.exec(gw, [tool, "-t", "nat", "-D", hook, "-j", chain], check=False)
-                self.lab.exec(gw, [tool, "-t", "nat", "-F", chain], check=False)
-                self.lab.exec(gw, [tool, "-t", "nat", "-X", chain], check=False)
+            for table, hook, chain in (
+                ("nat", "PREROUTING", "NATFAIL-PRE"),
+                ("nat", "POSTROUTING", "NATFAIL-POST"),
+                # The fence: left behind, it would drop, under the next test's
+                # nftables daemon, what the backends it names start (a new
+                # active backend's first initiation, then retried after 5 s).
+                ("filter", "FORWARD", "NATFAIL-FENCE"),
+            ):
+                self.lab.exec(gw, [tool, "-t", table, "-D", hook, "-j", chain], check=False)
+                self.lab.exec(gw, [tool, "-t", table, "-F", chain], check=False)
+                self.lab.exec(gw, [tool, "-t", table, "-X", chain], check=False)
 
 
 @contextlib.contextmanager

@@ -6,8 +6,11 @@ re-handshake after the switch). Every test runs once per dataplane.
 Without agents the client's tunnel comes back only when its own WireGuard
 gives up on the dead session (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, about 15 s;
 13.4 s measured here); with them the new backend starts the handshake
-itself at once. The bound below (5 s) lies between the two, far from both:
-what it tells apart is who started the handshake, not the machine's speed."""
+itself at once (about 0.05 s). A first initiation lost on the way comes
+again only after REKEY_TIMEOUT (5 s and up to a third of a second of
+jitter), so the bound below (2.5 s) lies between all three, far from each:
+what it tells apart is who started the handshake and whether the first
+initiation got through, not the machine's speed."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from natfail.lab import (
 from tests.netns.gateway import KINDS, Gateway
 from tests.netns.gateway import running_with_agents as _running
 
-HITLESS_BOUND = 5.0
+HITLESS_BOUND = 2.5
 """Seconds from the switch to the client's first ping reply through the new backend."""
 
 
