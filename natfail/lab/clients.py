@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Final
 
+from natfail.lab import leftovers
 from natfail.lab.processes import ip_batch, ns_argv, run
 from natfail.lab.topology import SERVER_TUNNEL_V4, public_endpoint
 from natfail.lab.wireguard import WgKey, WgProcess, client_peer_argv, new_key
@@ -56,6 +57,8 @@ class ExtraClients:
             )
             for i in range(1, count + 1)
         ]
+        # The lab's marker names them too, so a dead lab's cleanup finds them.
+        leftovers.write_marker(lab.id, lab.prefix, lab.namespaces, lab.ifnames, [lab.dir])
         ns = lab.client.ns
         for c in self.clients:
             c.wg.spawn()

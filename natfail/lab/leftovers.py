@@ -28,7 +28,7 @@ MARKER_DIR: Final = Path("/run/natfail-lab")
 
 _ID_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
 ID_LEN: Final = 6
-_WG_SOCK_RE: Final = re.compile(rf"^w[cb]([a-z0-9]{{{ID_LEN}}})\d*\.sock$")
+_WG_SOCK_RE: Final = re.compile(rf"^w[cbx]([a-z0-9]{{{ID_LEN}}})\d*\.sock$")
 
 
 def netns_list() -> list[str]:
