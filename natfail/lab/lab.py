@@ -102,32 +102,10 @@ class Lab(WireGuardReadings):
         wg_log_level: str = "error",
         clean_stale: bool = True,
     ) -> None:
-        _check_options(backends, keepalive, ipv6, client_endpoint_family, prefix, wg_log_level)
-        self.keepalive = keepalive
-        self.ipv6 = ipv6
-        self.client_endpoint_family = client_endpoint_family
-        self.prefix = prefix
-        self._log_level = wg_log_level
-        self._owner_pid = os.getpid()
-        self._wgs: list[WgProcess] = []
-        if clean_stale:
-            leftovers.cleanup_stale(prefix)
-        self.id = leftovers.new_id()
-        base = f"{prefix}{self.id}"
+        base = self._begin(
+            backends, keepalive, ipv6, client_endpoint_family, prefix, wg_log_level, clean_stale
+        )
         self.gateway = LabGateway(ns=f"{base}-gw")
-        self.client = LabClient(ns=f"{base}-cl", wg_if=f"wc{self.id}")
-        self.backends = [
-            LabBackend(
-                name=BACKEND_NAMES[i],
-                index=i,
-                ns=f"{base}-b{i}",
-                wg_if=f"wb{self.id}{i}",
-                v4=f"10.0.0.{i + 2}",
-                v6=f"fd00::{i + 2:x}" if ipv6 else None,
-                _lab=self,
-            )
-            for i in range(backends)
-        ]
         super().__init__(
             f"lab {self.id}", [self.gateway.ns, self.client.ns, *(b.ns for b in self.backends)]
         )
@@ -154,6 +132,45 @@ class Lab(WireGuardReadings):
         except BaseException:
             self.close()
             raise
+
+    def _begin(
+        self,
+        backends: int,
+        keepalive: int | None,
+        ipv6: bool,
+        client_endpoint_family: int,
+        prefix: str,
+        wg_log_level: str,
+        clean_stale: bool,
+    ) -> str:
+        """What every lab sets first (the client and the backends included);
+        returns the base of its namespaces' names."""
+        _check_options(backends, keepalive, ipv6, client_endpoint_family, prefix, wg_log_level)
+        self.keepalive = keepalive
+        self.ipv6 = ipv6
+        self.client_endpoint_family = client_endpoint_family
+        self.prefix = prefix
+        self._log_level = wg_log_level
+        self._owner_pid = os.getpid()
+        self._wgs: list[WgProcess] = []
+        if clean_stale:
+            leftovers.cleanup_stale(prefix)
+        self.id = leftovers.new_id()
+        base = f"{prefix}{self.id}"
+        self.client = LabClient(ns=f"{base}-cl", wg_if=f"wc{self.id}")
+        self.backends = [
+            LabBackend(
+                name=BACKEND_NAMES[i],
+                index=i,
+                ns=f"{base}-b{i}",
+                wg_if=f"wb{self.id}{i}",
+                v4=f"10.0.0.{i + 2}",
+                v6=f"fd00::{i + 2:x}" if ipv6 else None,
+                _lab=self,
+            )
+            for i in range(backends)
+        ]
+        return base
 
     def __enter__(self) -> Lab:
         return self

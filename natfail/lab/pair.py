@@ -49,7 +49,7 @@ from typing import Final
 
 from natfail.lab import config_file, leftovers
 from natfail.lab.agents import LabAgents
-from natfail.lab.lab import Lab, _check_options
+from natfail.lab.lab import Lab
 from natfail.lab.processes import (
     LabError,
     ip_batch,
@@ -61,7 +61,6 @@ from natfail.lab.processes import (
     wait_until,
 )
 from natfail.lab.topology import (
-    BACKEND_NAMES,
     CLIENT_TUNNEL_V4,
     CLIENT_TUNNEL_V6,
     LAN_PREFIXLEN_V4,
@@ -330,43 +329,21 @@ class PairLab(Lab):
         unicast: bool = False,
         keepalived: bool = True,
     ) -> None:
-        _check_options(backends, keepalive, ipv6, client_endpoint_family, prefix, wg_log_level)
         if not 0.01 <= advert_int <= 40.95:
             raise ValueError("advert_int must be 0.01..40.95 seconds (VRRPv3 centiseconds)")
-        # Lab.__init__ builds the single-gateway topology: everything it sets is set here
+        # Lab.__init__ builds the single-gateway topology: what it sets is set here
         # instead, so that Lab's client, backend and teardown methods work unchanged.
-        self.keepalive = keepalive
-        self.ipv6 = ipv6
-        self.client_endpoint_family = client_endpoint_family
-        self.prefix = prefix
+        base = self._begin(
+            backends, keepalive, ipv6, client_endpoint_family, prefix, wg_log_level, clean_stale
+        )
         self.advert_int = advert_int
         self.unicast = unicast
-        self._log_level = wg_log_level
-        self._owner_pid = os.getpid()
-        self._wgs = []
         self._keepalived: dict[str, subprocess.Popen[str]] = {}
-        if clean_stale:
-            leftovers.cleanup_stale(prefix)
-        self.id = leftovers.new_id()
-        base = f"{prefix}{self.id}"
         self.switch = f"{base}-sw"
         self.gw1 = _gateway(base, 0)
         self.gw2 = _gateway(base, 1)
         self.gateways: tuple[PairGateway, PairGateway] = (self.gw1, self.gw2)
         self.gateway = self.gw1
-        self.client = LabClient(ns=f"{base}-cl", wg_if=f"wc{self.id}")
-        self.backends = [
-            LabBackend(
-                name=BACKEND_NAMES[i],
-                index=i,
-                ns=f"{base}-b{i}",
-                wg_if=f"wb{self.id}{i}",
-                v4=f"10.0.0.{i + 2}",
-                v6=f"fd00::{i + 2:x}" if ipv6 else None,
-                _lab=self,
-            )
-            for i in range(backends)
-        ]
         namespaces = [
             self.switch,
             self.client.ns,
