@@ -114,8 +114,9 @@ class BackendHealth:
 
     @property
     def loss(self) -> float:
-        """The share of failures among the last LOSS_WINDOW results (0.0 with none):
-        how bad a backend has been lately, beyond its verdict."""
+        """The share of failures among the last LOSS_WINDOW results while the
+        backend was not DOWN (0.0 with none): how bad it has been lately,
+        beyond its verdict. Failures while DOWN are an outage, not loss."""
         return self.history.bit_count() / self.samples if self.samples else 0.0
 
     @classmethod
@@ -155,6 +156,13 @@ def _step(
             last_rtt=rtt,
             history=(health.history << 1) & _WINDOW_MASK,
             samples=samples,
+        )
+    elif event is Event.FAILURE and health.state is HealthState.DOWN:
+        # An outage is not loss: a backend back from one (restarted, say) is
+        # as clean as its probes since; only failures while it was thought
+        # usable make it lossy.
+        counted = replace(
+            health, successes=0, failures=health.failures + 1, last_rtt=None, last_reason=reason
         )
     elif event is Event.FAILURE:
         counted = replace(

@@ -297,5 +297,26 @@ def test_loss_is_the_share_of_failures_in_the_recent_window() -> None:
     assert h.loss == 0.0 and h.samples == LOSS_WINDOW  # old failures fall out
     for i in range(LOSS_WINDOW):
         h = observe(h, False, 40.0 + i, 2, 3, reason="timeout")
-    assert h.loss == 1.0
+    # only the fall failures that took it down count: the rest is an outage
+    assert h.state is HealthState.DOWN and h.failures == LOSS_WINDOW
+    assert h.loss == 3 / LOSS_WINDOW
     assert reset(h, 100.0).loss == 0.0
+
+
+def test_a_backend_back_from_an_outage_is_not_lossy() -> None:
+    """Killed for 20 probes and restarted, it is as clean as before: the next
+    failover to it must not wait for the loss rule (10 failures of the active)."""
+    from natfail.core.health import LOSS_WINDOW, BackendHealth, observe
+
+    h = BackendHealth.initial(0.0)
+    for i in range(LOSS_WINDOW):
+        h = observe(h, True, float(i), 2, 3)
+    for i in range(20):
+        h = observe(h, False, 40.0 + i, 2, 3, reason="timeout")
+    for i in range(2):
+        h = observe(h, True, 70.0 + i, 2, 3)
+    assert h.state is HealthState.UP and h.loss < 0.25
+    # while it is thought usable, failures are loss
+    for i in range(12):
+        h = observe(h, i % 2 == 0, 80.0 + i, 2, 3, reason="" if i % 2 == 0 else "timeout")
+    assert h.loss >= 6 / LOSS_WINDOW
