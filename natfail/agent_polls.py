@@ -148,6 +148,8 @@ class AgentPolls:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for link in self._links.values():
+            link.close()
         self.save(force=True)
 
     async def _loop(self) -> None:
@@ -192,6 +194,9 @@ class AgentPolls:
                     )
             return ag.Polled(reports, self._d.monotonic(), time.time())
 
+        agents = {b.agent for _, b_name, rt in jobs if (b := rt.service.backend(b_name))}
+        for link in self._links.values():
+            link.retain(a for a in agents if a is not None)
         results = await asyncio.gather(*(poll(*job) for job in jobs))
         async with self._d.lock:
             by_service: dict[str, ctl.Outcome] = {}

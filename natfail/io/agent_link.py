@@ -7,13 +7,19 @@ timestamp is newer than the last one it took from this gateway for that
 interface, so exchanges with one (agent, interface) go one at a time, each
 with a new stamp from the gateway's own never-decreasing clock. An agent that
 does not answer in ``timeout`` is asked again, ``attempts`` times in all;
-then the exchange yields None (a down agent costs speed, never a failover)."""
+then the exchange yields None (a down agent costs speed, never a failover).
+
+Every exchange with one agent goes through one long-lived connected UDP
+socket: one conntrack entry per agent on the gateway, not one per poll. A
+reply is matched to the request it answers by the channel's own check
+(bound to the request's ephemeral key), so a late answer to an abandoned
+attempt is dropped."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from typing import TypeVar, cast
 
 from natfail.core import agent_channel as ch
 from natfail.core import agent_messages as msg
@@ -30,18 +36,31 @@ ACTIVATE_ATTEMPTS = 3
 _Reply = TypeVar("_Reply", msg.Report, msg.Activated)
 
 
-class _Receiver(asyncio.DatagramProtocol):
-    def __init__(self, pending: ch.Pending, done: asyncio.Future[bytes]) -> None:
-        self.pending = pending
-        self.done = done
+class _Channel(asyncio.DatagramProtocol):
+    """The socket to one agent, and the requests waiting for its replies."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.waiting: list[tuple[ch.Pending, asyncio.Future[bytes]]] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        payload = ch.open_reply(self.pending, data)
-        if isinstance(payload, bytes) and not self.done.done():
-            self.done.set_result(payload)
+        for pending, done in self.waiting:
+            if done.done():
+                continue
+            payload = ch.open_reply(pending, data)
+            if isinstance(payload, bytes):
+                done.set_result(payload)
+                return
 
     def error_received(self, exc: Exception) -> None:
         pass  # an ICMP error: the timeout decides; anyone can forge one
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
 
 
 class AgentLink:
@@ -49,6 +68,26 @@ class AgentLink:
         self._private_key = private_key
         self._timestamp = timestamp
         self._locks: dict[tuple[Endpoint, bytes], asyncio.Lock] = {}
+        self._channels: dict[Endpoint, _Channel] = {}
+
+    async def _channel(self, agent: Endpoint) -> _Channel:
+        channel = self._channels.get(agent)
+        if channel is None or channel.closed or channel.transport is None:
+            loop = asyncio.get_running_loop()
+            _, channel = await loop.create_datagram_endpoint(_Channel, remote_addr=agent.sockaddr())
+            self._channels[agent] = channel
+        return channel
+
+    def retain(self, agents: Iterable[Endpoint]) -> None:
+        """Closes the sockets of agents no longer in ``agents`` (after a reload)."""
+        keep = set(agents)
+        for agent in [a for a in self._channels if a not in keep]:
+            channel = self._channels.pop(agent)
+            if channel.transport is not None:
+                channel.transport.close()
+
+    def close(self) -> None:
+        self.retain(())
 
     async def _once(
         self, agent: Endpoint, agent_public: bytes, payload: bytes, timeout: float
@@ -58,16 +97,17 @@ class AgentLink:
             self._private_key, agent_public, payload, self._timestamp()
         )
         done: asyncio.Future[bytes] = loop.create_future()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Receiver(pending, done), remote_addr=agent.sockaddr()
-        )
+        channel = await self._channel(agent)
+        assert channel.transport is not None
+        entry = (pending, done)
+        channel.waiting.append(entry)
         try:
-            transport.sendto(datagram)
+            channel.transport.sendto(datagram)
             return await asyncio.wait_for(done, timeout)
         except TimeoutError:
             return None
         finally:
-            transport.close()
+            channel.waiting.remove(entry)
 
     async def exchange(
         self,

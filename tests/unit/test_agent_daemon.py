@@ -243,3 +243,25 @@ def test_a_repeated_activation_is_answered_without_bringing_the_clients_over_aga
             assert len(wg.activations) == 2
 
     asyncio.run(main())
+
+
+def test_every_exchange_with_an_agent_uses_one_socket() -> None:
+    """One conntrack entry per agent on the gateway, not one per poll."""
+
+    async def main() -> None:
+        wg = FakeWireGuard(_interface(time.time()))
+        async with _agent(wg) as (_, where):
+            link = AgentLink(GATEWAY, _stamps())
+            ports = set()
+            for _ in range(3):
+                assert await link.poll(where, SERVER_PUB, 0) is not None
+                channel = link._channels[where]
+                assert channel.transport is not None
+                ports.add(channel.transport.get_extra_info("sockname")[1])
+            assert len(ports) == 1 and list(link._channels) == [where]
+            link.retain(())
+            assert link._channels == {}
+            assert await link.poll(where, SERVER_PUB, 0) is not None  # a new one when needed
+            link.close()
+
+    asyncio.run(main())
