@@ -438,6 +438,10 @@ def sample(pid: int, backend_pids: Sequence[int]) -> Sample:
 # --- the backends ---------------------------------------------------------------------------
 
 
+LINK_UP_BATCH = 8
+"""Links set up per ``ip -batch`` in one backend namespace (see Farm._start_wireguard)."""
+
+
 def ip_batch(ns: str, commands: Sequence[str]) -> None:
     subprocess.run(
         ["ip", "-n", ns, "-batch", "-"],
@@ -540,10 +544,24 @@ class Farm:
                         self.ifname(e),
                         f"private_key={server}\nlisten_port={e.port}\npublic_key={peer}\n",
                     )
+        # Every wireguard-go of a namespace hears every link event of it on a
+        # netlink socket and exits when that socket overflows (ENOBUFS: "Failed
+        # to read packet from TUN device"): a hundred links set up at once kill
+        # some. So a few at a time, and a check that none died.
         for k, ns in enumerate(self.hosts):
             ups = [f"link set {self.ifname(e)} up" for e in real if e.slot == k]
-            if ups:
-                ip_batch(ns, ups)
+            for start in range(0, len(ups), LINK_UP_BATCH):
+                ip_batch(ns, ups[start : start + LINK_UP_BATCH])
+                time.sleep(0.05)
+        time.sleep(1.0)
+        self.check_alive()
+
+    def check_alive(self) -> None:
+        """Fail when a wireguard-go backend has exited: its probes would fail."""
+        dead = [p for p in self.wg if p.poll() is not None]
+        if dead:
+            log = (self.lab.dir / "wireguard-go.log").read_text(errors="replace")
+            raise fail(f"{len(dead)} wireguard-go backends exited: {log[-600:]}")
 
     def _start_responder(self, spread: list[Endpoint]) -> None:
         spec = self.lab.dir / "responder.json"
@@ -703,6 +721,7 @@ class SizeRun:
             self._reloads(config, n)
             time.sleep(3)
             self._false_downs(log)
+            self.row["backends_exited"] = sum(p.poll() is not None for p in self.farm.wg)
             self._memory(pid, "at_end")
         return self.row
 
