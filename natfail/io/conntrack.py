@@ -50,8 +50,9 @@ Entries DNATed to a backend (natfail's or not), other ports, other protocols (TC
 the same port) and the other family stay.
 
 Foreign DNAT (:meth:`NetlinkConntrack.public_flows`): one filtered dump of the UDP
-entries whose ORIGINAL destination is the public endpoint (kernel-side by protocol and
-port, and by address for IPv4), tallied by reply source: the public endpoint (not
+entries whose ORIGINAL destination is a public address (kernel-side by protocol, by
+address for IPv4, and by port when one endpoint is asked for at that address), tallied
+per public endpoint by reply source: the public endpoint (not
 NATed), a backend (natfail's DNAT), or anything else (a DNAT that is not natfail's and
 comes first). Every dumped entry is checked again here (address, port, protocol), so a
 kernel that ignored or inverted a filter costs time, never a wrong count nor a wrong
@@ -138,16 +139,20 @@ class PublicFlows:
 
 
 def tally_public_flows(
-    public: Endpoint, entries: Iterable[tuple[Endpoint, Endpoint]]
-) -> PublicFlows:
-    """:class:`PublicFlows` from ``(original destination, reply source)`` pairs; pairs
-    for another destination are ignored (the kernel filter is trusted for speed only)."""
-    by_source: dict[Endpoint, int] = {}
+    publics: Iterable[Endpoint], entries: Iterable[tuple[Endpoint, Endpoint]]
+) -> dict[Endpoint, PublicFlows]:
+    """:class:`PublicFlows` of each of ``publics`` from ``(original destination, reply
+    source)`` pairs; pairs for any other destination are ignored (the kernel filter is
+    trusted for speed only)."""
+    counts: dict[Endpoint, dict[Endpoint, int]] = {p: {} for p in publics}
     for orig_dst, reply_src in entries:
-        if orig_dst != public:
-            continue
-        by_source[reply_src] = by_source.get(reply_src, 0) + 1
-    return PublicFlows(sum(by_source.values()), by_source.get(public, 0), by_source)
+        by_source = counts.get(orig_dst)
+        if by_source is not None:
+            by_source[reply_src] = by_source.get(reply_src, 0) + 1
+    return {
+        public: PublicFlows(sum(by_source.values()), by_source.get(public, 0), by_source)
+        for public, by_source in counts.items()
+    }
 
 
 def _endpoint(addr: object, port: object) -> Endpoint | None:
@@ -188,8 +193,9 @@ class Conntrack(Protocol):
         successful transaction that installs, restores or changes its DNAT."""
         ...
 
-    def public_flows(self, public: Endpoint) -> PublicFlows:
-        """The UDP entries whose original destination is ``public``, by reply source."""
+    def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]:
+        """For each of ``publics``, the UDP entries whose original destination it is, by
+        reply source: one dump per public address, however many ports it has."""
         ...
 
 
@@ -339,27 +345,31 @@ class NetlinkConntrack:
         self.flush_source(public, "reply")
         return self.requests - start
 
-    def public_flows(self, public: Endpoint) -> PublicFlows:
+    def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]:
         from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-        check_public(public)
-        fam = socket.AF_INET if public.family == 4 else socket.AF_INET6
-        tup = NFCTAttrTuple(
-            family=fam,
-            proto=IPPROTO_UDP,
-            dport=public.port,
-            daddr=str(public.ip) if public.family == 4 else None,
-        )
-        flows = self._dump(public.family, f"the flows to {public}", tuple_orig=tup)
+        wanted = [check_public(p) for p in publics]
+        ports: dict[Any, set[int]] = {}
+        for p in wanted:
+            ports.setdefault(p.ip, set()).add(p.port)
         pairs: list[tuple[Endpoint, Endpoint]] = []
-        for f in flows:
-            if f.orig.proto != IPPROTO_UDP:
-                continue
-            dst = _endpoint(f.orig.daddr, f.orig.dport)
-            src = _endpoint(f.reply.saddr, f.reply.sport)
-            if dst is not None and src is not None:
-                pairs.append((dst, src))
-        return tally_public_flows(public, pairs)
+        for ip, on in ports.items():
+            # The kernel walks its whole hash table for every dump (milliseconds on a
+            # big machine, even when empty): one per address, not one per endpoint.
+            tup = NFCTAttrTuple(
+                family=socket.AF_INET if ip.version == 4 else socket.AF_INET6,
+                proto=IPPROTO_UDP,
+                dport=next(iter(on)) if len(on) == 1 else None,
+                daddr=str(ip) if ip.version == 4 else None,
+            )
+            for f in self._dump(ip.version, f"the flows to {ip}", tuple_orig=tup):
+                if f.orig.proto != IPPROTO_UDP:
+                    continue
+                dst = _endpoint(f.orig.daddr, f.orig.dport)
+                src = _endpoint(f.reply.saddr, f.reply.sport)
+                if dst is not None and src is not None:
+                    pairs.append((dst, src))
+        return tally_public_flows(wanted, pairs)
 
     def count_backend(self, mark: int, address: Endpoint) -> int:
         check_mark(mark)

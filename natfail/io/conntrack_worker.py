@@ -7,7 +7,7 @@ netlink socket in the thread that made it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -20,7 +20,7 @@ class AsyncConntrack(Protocol):
 
     async def remove_unnated(self, public: Endpoint) -> int: ...
 
-    async def public_flows(self, public: Endpoint) -> PublicFlows: ...
+    async def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]: ...
 
 
 class ConntrackWorker:
@@ -36,8 +36,8 @@ class ConntrackWorker:
         future = self._pool.submit(self._conntrack.remove_unnated, public)
         return await asyncio.wrap_future(future)
 
-    async def public_flows(self, public: Endpoint) -> PublicFlows:
-        future = self._pool.submit(self._conntrack.public_flows, public)
+    async def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]:
+        future = self._pool.submit(self._conntrack.public_flows, list(publics))
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:

@@ -74,16 +74,22 @@ class FakeConntrack:
         self.removed: list[tuple[int, str]] = []
         self.unnated: list[tuple[str, int]] = []
         self.flows: dict[str, dict[Endpoint, int]] = {}
+        self.looks = 0
+        """Calls of public_flows (one per public address group)."""
 
     async def remove_unnated(self, public: Endpoint) -> int:
         applies = sum(1 for c in self.calls if c[0] == "apply")
         self.unnated.append((str(public), applies))
         return 1
 
-    async def public_flows(self, public: Endpoint) -> PublicFlows:
-        by_source = self.flows.get(str(public), {})
-        unnated = by_source.get(public, 0)
-        return PublicFlows(sum(by_source.values()), unnated, dict(by_source))
+    async def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]:
+        self.looks += 1
+        out = {}
+        for public in publics:
+            by_source = self.flows.get(str(public), {})
+            unnated = by_source.get(public, 0)
+            out[public] = PublicFlows(sum(by_source.values()), unnated, dict(by_source))
+        return out
 
     async def remove_backend(self, mark: int, address: Endpoint) -> CleanupResult:
         self.calls.append(("cleanup", mark, str(address)))

@@ -62,7 +62,11 @@ def remove_unnated(public: Endpoint) -> int:
 
 
 def public_flows(public: Endpoint) -> PublicFlows:
-    return _ct().public_flows(public)
+    return _ct().public_flows([public])[public]
+
+
+def public_flows_of(publics: list[Endpoint]) -> dict[Endpoint, PublicFlows]:
+    return _ct().public_flows(publics)
 
 
 def requests() -> int:
@@ -75,9 +79,9 @@ def async_calls(public: Endpoint) -> tuple[PublicFlows, int, PublicFlows]:
     async def run() -> tuple[PublicFlows, int, PublicFlows]:
         worker = ConntrackWorker(NetlinkConntrack)
         try:
-            before = await worker.public_flows(public)
+            before = (await worker.public_flows([public]))[public]
             sent = await worker.remove_unnated(public)
-            return before, sent, await worker.public_flows(public)
+            return before, sent, (await worker.public_flows([public]))[public]
         finally:
             worker.close()
 
@@ -324,6 +328,17 @@ def test_public_flows_counts_by_reply_source(flows: Lab, worker: NsWorker) -> No
     assert worker.call(public_flows, other) == PublicFlows(1, 1, {other: 1})
     nobody = Endpoint(ipaddress.ip_address(PUBLIC_V4), PORT + 7)
     assert worker.call(public_flows, nobody) == PublicFlows(0, 0, {})
+    # every endpoint of one address in one dump, each counted as alone
+    before = worker.call(requests)
+    assert worker.call(public_flows_of, [PUBLIC4, other, nobody]) == {
+        PUBLIC4: PublicFlows(6, 4, {PUBLIC4: 4, backend4: 2}),
+        other: PublicFlows(1, 1, {other: 1}),
+        nobody: PublicFlows(0, 0, {}),
+    }
+    assert worker.call(requests) - before == 1
+    other6 = Endpoint(ipaddress.ip_address(PUBLIC_V6), OTHER_PORT)
+    both = worker.call(public_flows_of, [PUBLIC6, other6])
+    assert both[PUBLIC6] == PublicFlows(5, 3, {PUBLIC6: 3, backend6: 2})
 
 
 def test_foreign_dnat_shows_in_public_flows(flows: Lab, worker: NsWorker) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import threading
+from collections.abc import Iterable
 
 import pytest
 
@@ -35,9 +36,19 @@ def test_tally_counts_by_reply_source() -> None:
         (PUBLIC, FOREIGN),
         (PUBLIC, PUBLIC),
     ]
-    assert tally_public_flows(PUBLIC, pairs) == PublicFlows(
-        5, 2, {PUBLIC: 2, BACKEND: 2, FOREIGN: 1}
-    )
+    assert tally_public_flows([PUBLIC], pairs) == {
+        PUBLIC: PublicFlows(5, 2, {PUBLIC: 2, BACKEND: 2, FOREIGN: 1})
+    }
+
+
+def test_tally_counts_each_endpoint_of_one_dump() -> None:
+    """One dump per public address serves every endpoint on it."""
+    second = Endpoint(PUBLIC.ip, PUBLIC.port + 1)
+    pairs = [(PUBLIC, BACKEND), (second, second), (second, FOREIGN), (PUBLIC, PUBLIC)]
+    assert tally_public_flows([PUBLIC, second], pairs) == {
+        PUBLIC: PublicFlows(2, 1, {BACKEND: 1, PUBLIC: 1}),
+        second: PublicFlows(2, 1, {second: 1, FOREIGN: 1}),
+    }
 
 
 def test_tally_ignores_other_destinations() -> None:
@@ -45,8 +56,8 @@ def test_tally_ignores_other_destinations() -> None:
     other_port = Endpoint(PUBLIC.ip, PUBLIC.port + 1)
     other_ip = Endpoint.parse("203.0.113.11:51820")
     pairs = [(other_port, other_port), (other_ip, BACKEND), (PUBLIC, BACKEND)]
-    assert tally_public_flows(PUBLIC, pairs) == PublicFlows(1, 0, {BACKEND: 1})
-    assert tally_public_flows(PUBLIC, []) == PublicFlows(0, 0, {})
+    assert tally_public_flows([PUBLIC], pairs) == {PUBLIC: PublicFlows(1, 0, {BACKEND: 1})}
+    assert tally_public_flows([PUBLIC], []) == {PUBLIC: PublicFlows(0, 0, {})}
 
 
 @pytest.mark.parametrize("bad", [None, "203.0.113.10:51820", ("203.0.113.10", 51820), 0])
@@ -89,20 +100,20 @@ class FakeConntrack:
             raise ConntrackError("conntrack flush of the un-NATed flows: refused")
         return 1
 
-    def public_flows(self, public: Endpoint) -> PublicFlows:
+    def public_flows(self, publics: Iterable[Endpoint]) -> dict[Endpoint, PublicFlows]:
         self._record()
-        return PublicFlows(1, 1, {public: 1})
+        return {public: PublicFlows(1, 1, {public: 1}) for public in publics}
 
 
 def test_worker_runs_every_call_in_its_one_thread() -> None:
     fake = FakeConntrack()
     worker = ConntrackWorker(lambda: fake)
 
-    async def run() -> tuple[int, PublicFlows]:
-        return await worker.remove_unnated(PUBLIC), await worker.public_flows(PUBLIC)
+    async def run() -> tuple[int, dict[Endpoint, PublicFlows]]:
+        return await worker.remove_unnated(PUBLIC), await worker.public_flows([PUBLIC])
 
     try:
-        assert asyncio.run(run()) == (1, PublicFlows(1, 1, {PUBLIC: 1}))
+        assert asyncio.run(run()) == (1, {PUBLIC: PublicFlows(1, 1, {PUBLIC: 1})})
         with pytest.raises(ConntrackError, match="refused"):
             asyncio.run(worker.remove_unnated(Endpoint(ipaddress.ip_address("1.2.3.4"), 1)))
     finally:
