@@ -129,7 +129,7 @@ class Reloader:
             rt = old.get(name)
             if rt is None:
                 services[name] = ServiceRuntime(state, keys[name])
-                d.schedule.add(name, state.service.probe.interval, now)
+                d.schedule.add(name, state.service.probe.interval, now, among=len(plan.states))
                 d.declare_metrics(services[name])
                 continue
             changed = rt.state.service != state.service or rt.keys != keys[name]

@@ -47,8 +47,9 @@ class Prober:
 
     def start(self) -> None:
         now = self._d.monotonic()
+        count = len(self._d.services)
         for rt in self._d.services.values():
-            self._d.schedule.add(rt.service.name, rt.service.probe.interval, now)
+            self._d.schedule.add(rt.service.name, rt.service.probe.interval, now, among=count)
         self._pump = asyncio.create_task(self._pump_loop())
         self.arm()
 

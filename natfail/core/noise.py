@@ -603,11 +603,12 @@ def new_initiation(
     now: float | None = None,
 ) -> tuple[bytes, Handshake]:
     """``build_initiation`` with a fresh random ephemeral key and sender index."""
+    random = os.urandom(KEY_SIZE + 4)  # one getrandom() for both
     return build_initiation(
         keys,
-        sender_index=secrets.randbits(32),
+        sender_index=int.from_bytes(random[KEY_SIZE:], "little"),
         timestamp=timestamp,
-        ephemeral_private=os.urandom(KEY_SIZE),
+        ephemeral_private=random[:KEY_SIZE],
         cookie=cookie,
         now=now,
     )
