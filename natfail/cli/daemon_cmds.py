@@ -27,7 +27,8 @@ def socket_path(args: argparse.Namespace) -> Path:
     if args.config is None and not path.exists():
         return cfg.DEFAULT_DAEMON.socket
     try:
-        return cfg.load(path).daemon.socket
+        daemon = cfg.read_daemon(path)
+        return (daemon or cfg.load(path).daemon).socket
     except cfg.ConfigError as exc:
         socket = _socket_from_raw(path)
         if socket is None:

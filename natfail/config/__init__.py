@@ -38,6 +38,7 @@ from natfail.config.reader import (
     load,
     parse,
     read_config_file,
+    read_daemon,
     read_raw,
 )
 
@@ -115,6 +116,7 @@ __all__ = [
     "parse",
     "parse_listen",
     "read_config_file",
+    "read_daemon",
     "read_raw",
     "warnings",
 ]

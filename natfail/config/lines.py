@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Final
 
 from natfail.config.problems import Where
@@ -83,17 +84,25 @@ def _line_index(source: str) -> dict[Where, int]:
     return index
 
 
-def line_of(source: str, where: Where) -> int | None:
-    """The line of `where`, else of its nearest enclosing key or table (a
-    missing key is reported at its table's header). Never raises."""
-    if not source:
-        return None
+def line_finder(source: str) -> Callable[[Where], int | None]:
+    """:func:`line_of` for many keys of one source: the source is indexed once
+    (per key, a config with thousands of problems took minutes)."""
     try:
-        index = _line_index(source)
+        index = _line_index(source) if source else {}
+    except Exception:  # a helper for messages must never hide the real error
+        index = {}
+
+    def find(where: Where) -> int | None:
         while where:
             if where in index:
                 return index[where]
             where = where[:-1]
-    except Exception:  # a helper for messages must never hide the real error
         return None
-    return None
+
+    return find
+
+
+def line_of(source: str, where: Where) -> int | None:
+    """The line of `where`, else of its nearest enclosing key or table (a
+    missing key is reported at its table's header). Never raises."""
+    return line_finder(source)(where)

@@ -367,6 +367,11 @@ def build(data: object, path: Path) -> Config:
     return Config(path, daemon, probe, services)
 
 
+def daemon_settings(data: object, path: Path) -> DaemonSettings:
+    """The [daemon] table of a parsed document alone; raises Invalid."""
+    return _daemon(Table(data, (), _ROOT_KEYS, _base_dir(path)).sub("daemon", _DAEMON_KEYS))
+
+
 def _base_dir(path: Path) -> Path:
     try:
         return Path(os.path.abspath(path)).parent
