@@ -126,6 +126,26 @@ def _encode(reply: dict[str, Any]) -> bytes:
     return json.dumps(reply, separators=(",", ":")).encode() + b"\n"
 
 
+_SO_SNDBUFFORCE: Final = 32  # <asm-generic/socket.h>; Python's socket module lacks it
+
+
+def _room_for(conn: socket.socket, size: int) -> None:
+    """Let a large reply (status of a thousand services: 650 kB) go in one
+    write: by the default send buffer's fill, each further part waited for
+    an event loop turn behind the probes (30 ms at that scale). Past
+    net.core.wmem_max needs CAP_NET_ADMIN, which the daemon has; without
+    it the reply still goes, in parts."""
+    if size <= _DEFAULT_ROOM:
+        return
+    for option in (_SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, option, size)
+            return
+
+
+_DEFAULT_ROOM: Final = 64 * 1024
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Remove a socket nobody listens on (a killed daemon's). A live one is
     never removed: the instance lock keeps a second natfail out, and anything
@@ -317,8 +337,9 @@ class ControlServer:
         writer: asyncio.StreamWriter | None = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=conn, limit=MAX_REQUEST)
-            reply = await self._one_request(reader, peer)
-            writer.write(_encode(reply))
+            reply = _encode(await self._one_request(reader, peer))
+            _room_for(conn, len(reply))
+            writer.write(reply)
             await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
             pass
