@@ -188,7 +188,9 @@ class Daemon:
         self.agent_polls = AgentPolls(self)
         self.addresses = addresses
         self._local: Addresses = frozenset()
-        self.control = ControlServer(config.daemon.socket, self.requests.handle)
+        self.control = ControlServer(
+            config.daemon.socket, self.requests.handle, self.requests.handle_now
+        )
 
     @property
     def dataplane(self) -> Dataplane:

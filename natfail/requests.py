@@ -26,7 +26,8 @@ class Requests:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
 
-    async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+    def handle_now(self, request: dict[str, Any], peer: Peer) -> dict[str, Any] | None:
+        """The answer to a reading request, from memory; None for any other."""
         command = request["command"]
         if command == "status":
             return self._d.status()
@@ -34,6 +35,13 @@ class Requests:
             return {"message": "pong"}
         if command == "events":
             return self._events(request)
+        return None
+
+    async def handle(self, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        answer = self.handle_now(request, peer)
+        if answer is not None:
+            return answer
+        command = request["command"]
         if command == "reload":
             log.info("reload requested by uid %d", peer.uid)
             return {"message": await self._d.reload()}

@@ -11,7 +11,12 @@ together may hold `NONROOT_CONNECTIONS` of the `MAX_CONNECTIONS`, one user at
 most `PER_UID_CONNECTIONS`, and a connection that has not sent its request
 within `READ_TIMEOUT` is answered with an error and closed. Past the limits a
 connection is refused at once with an error reply; when root itself has used
-every slot, new connections wait in the listen backlog for a free one."""
+every slot, new connections wait in the listen backlog for a free one.
+
+A request already in the socket when its connection is accepted, and that
+needs no waiting (a `QuickHandler` answers it: status, events, ping), is
+answered in that same turn of the event loop; any other goes through a task
+of its own."""
 
 from __future__ import annotations
 
@@ -79,6 +84,8 @@ class RequestError(Exception):
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
+QuickHandler = Callable[[dict[str, Any], Peer], "dict[str, Any] | None"]
+"""The answer to a request that needs no waiting (status, ping), or None."""
 
 
 # SO_PEERGROUPS (Linux 4.13) is not named by Python's socket module.
@@ -178,9 +185,10 @@ def _remove_stale_socket(path: Path) -> None:
 
 
 class ControlServer:
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, handler: Handler, quick: QuickHandler | None = None) -> None:
         self.path = path
         self._handler = handler
+        self._quick = quick
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
@@ -294,9 +302,72 @@ class ControlServer:
                 return
         self._open += 1
         self._by_uid[peer.uid] = self._by_uid.get(peer.uid, 0) + 1
-        task = self._loop.create_task(self._serve(conn, peer))
+        rest = self._answer_now(conn, peer)
+        if rest == b"":
+            self._release(peer)
+            conn.close()
+            return
+        task = self._loop.create_task(
+            self._serve(conn, peer) if rest is None else self._finish(conn, peer, rest)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _answer_now(self, conn: socket.socket, peer: Peer) -> bytes | None:
+        """Answer in this turn of the event loop a request whose line is already
+        there and that needs no waiting (status, ping, a bad request): returns
+        what is left to send (b"" when all went), None when the request must go
+        the usual way. At a thousand services each await of the usual way waited
+        a loop turn behind a slot of probes: 200 ms for a status on a busy machine."""
+        if self._quick is None:
+            return None
+        try:
+            data = conn.recv(MAX_REQUEST, socket.MSG_PEEK)
+        except OSError:
+            return None
+        end = data.find(b"\n")
+        if end < 0:
+            return None  # not all there yet, or too long: the usual way says so
+        ok, reply = self._parse(data[: end + 1], peer)
+        if ok:
+            try:
+                answer = self._quick(reply, peer)
+            except RequestError as exc:
+                reply = error_reply(str(exc), exc.code)
+            except Exception as exc:  # a bug in a handler must not stop the daemon
+                self._repeats.report(
+                    f"control: request failed: {type(exc).__name__}: {error_line(exc)}",
+                    level=logging.ERROR,
+                    exc_info=exc,
+                )
+                with contextlib.suppress(OSError):
+                    conn.recv(end + 1)  # closed with it unread, the client would get a reset
+                return b""
+            else:
+                if answer is None:
+                    return None
+                reply = {"ok": True, **answer}
+        encoded = _encode(reply)
+        _room_for(conn, len(encoded))
+        try:
+            conn.recv(end + 1)  # the request, read now that it is answered
+            sent = conn.send(encoded)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return b""  # the client is gone
+        return encoded[sent:]
+
+    async def _finish(self, conn: socket.socket, peer: Peer, rest: bytes) -> None:
+        """Send the rest of a reply that did not go in one write."""
+        assert self._loop is not None
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(conn, rest), READ_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            self._release(peer)
+            conn.close()
 
     def _refuse(self, conn: socket.socket, peer: Peer) -> None:
         # A reply fits in the empty send buffer of a new connection, so this
@@ -378,14 +449,26 @@ class ControlServer:
             line = exc.partial
             if not line.strip():
                 return error_reply("empty request", exitcodes.USAGE)
+        ok, request = self._parse(line, peer)
+        if not ok:
+            return request
+        try:
+            result = await self._handler(request, peer)
+        except RequestError as exc:
+            return error_reply(str(exc), exc.code)
+        return {"ok": True, **result}
+
+    def _parse(self, line: bytes, peer: Peer) -> tuple[bool, dict[str, Any]]:
+        """(True, the request) for a line that its sender may make, else
+        (False, the reply refusing it)."""
         try:
             request = jsonlimit.loads(line, max_depth=MAX_DEPTH)
         except ValueError as exc:  # UnicodeDecodeError is one
             if str(exc).startswith("JSON nested deeper"):
-                return self._bad(peer, f"request nested deeper than {MAX_DEPTH} levels")
-            return self._bad(peer, "request is not JSON")
+                return False, self._bad(peer, f"request nested deeper than {MAX_DEPTH} levels")
+            return False, self._bad(peer, "request is not JSON")
         if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            return self._bad(peer, "request must be an object with a string 'command'")
+            return False, self._bad(peer, "request must be an object with a string 'command'")
         command = request["command"]
         # The group may change under a running daemon (the unit or an
         # operator sets it), so it is read at every request.
@@ -396,10 +479,10 @@ class ControlServer:
                 f"control: refused {command[:64]!r} from uid {peer.uid} (pid {peer.pid})",
             )
             if peer.in_group(socket_gid):
-                return error_reply(f"{command}: permission denied (only root may do this)", 1)
-            return error_reply("permission denied: not root and not in the socket's group", 1)
-        try:
-            result = await self._handler(request, peer)
-        except RequestError as exc:
-            return error_reply(str(exc), exc.code)
-        return {"ok": True, **result}
+                return False, error_reply(
+                    f"{command}: permission denied (only root may do this)", 1
+                )
+            return False, error_reply(
+                "permission denied: not root and not in the socket's group", 1
+            )
+        return True, request

@@ -37,9 +37,13 @@ async def _handler(request: dict[str, Any], peer: control.Peer) -> dict[str, Any
     return {"message": f"did {request['command']}"}
 
 
-def _with_server(body: Callable[[Path], Awaitable[None]], tmp_path: Path) -> None:
+def _with_server(
+    body: Callable[[Path], Awaitable[None]],
+    tmp_path: Path,
+    quick: control.QuickHandler | None = None,
+) -> None:
     async def main() -> None:
-        server = control.ControlServer(tmp_path / "ctl.sock", _handler)
+        server = control.ControlServer(tmp_path / "ctl.sock", _handler, quick)
         await server.start()
         try:
             await body(server.path)
@@ -436,3 +440,69 @@ def test_a_file_at_the_socket_path_is_not_removed(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert (tmp_path / "ctl.sock").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------
+# answered in the turn that accepts the connection
+
+
+def _quick(request: dict[str, Any], peer: control.Peer) -> dict[str, Any] | None:
+    if request["command"] == "status":
+        return {"services": [], "quick": True}
+    if request["command"] == "events":
+        raise control.RequestError("count must be a whole number", 2)
+    if request["command"] == "big":
+        return {"blob": "x" * 3_000_000}
+    if request["command"] == "boom":
+        raise RuntimeError("a bug")
+    return None  # the usual way, through the handler
+
+
+async def _sent_before_accept(path: Path, payload: bytes) -> bytes:
+    """A request that is in the socket before the server's loop gets to accept
+    it (this coroutine does not yield until it is sent), and the whole reply."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.sendall(payload)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    chunks = []
+    try:
+        while data := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+            chunks.append(data)
+    finally:
+        sock.close()
+    return b"".join(chunks)
+
+
+def test_a_reading_request_is_answered_in_the_turn_that_accepts_it(tmp_path: Path) -> None:
+    async def body(path: Path) -> None:
+        reply = json.loads(await _sent_before_accept(path, b'{"command": "status"}\n'))
+        assert reply == {"ok": True, "services": [], "quick": True}
+        # declined by the quick answer: the handler's, as before
+        reply = json.loads(await _sent_before_accept(path, b'{"command": "switch"}\n'))
+        assert reply["ok"] is False and "backend b is down" in reply["error"]
+        reply = json.loads(await _sent_before_accept(path, b'{"command": "events"}\n'))
+        assert reply == {"ok": False, "error": "count must be a whole number", "code": 2}
+        reply = json.loads(await _sent_before_accept(path, b"garbage\n"))
+        assert reply["ok"] is False and "not JSON" in reply["error"]
+        # a bug in the quick answer closes that connection, and only that
+        assert await _sent_before_accept(path, b'{"command": "boom"}\n') == b""
+        # a request still coming in goes the usual way
+        assert (await _call(path, {"command": "status"}))["ok"] is True
+
+    _with_server(body, tmp_path, _quick)
+
+
+def test_a_quick_reply_larger_than_the_send_buffer_arrives_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "_room_for", lambda conn, size: None)
+
+    async def body(path: Path) -> None:
+        raw = await _sent_before_accept(path, b'{"command": "big"}\n')
+        assert raw.endswith(b"\n") and len(json.loads(raw)["blob"]) == 3_000_000
+        # and the server still answers
+        assert (await _call(path, {"command": "ping"}))["message"] == "did ping"
+
+    _with_server(body, tmp_path, _quick)
