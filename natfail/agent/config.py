@@ -31,11 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib
-    import tomli as tomllib
-
 from natfail.config.keys import decode_key
 from natfail.config.lines import line_of
 from natfail.config.problems import ConfigError, Invalid, Problem, Where, render
@@ -43,6 +38,7 @@ from natfail.config.reader import _syntax_error, read_config_file
 from natfail.config.schema import IFNAMSIZ
 from natfail.config.tables import _unknown_key
 from natfail.core.model import Endpoint, kind, show, split_host_port
+from natfail.tomlshim import tomllib
 
 DEFAULT_AGENT_CONFIG: Final = "/etc/natfail/agent.toml"
 AGENT_KEYS: Final = ("listen", "gateways", "interfaces")

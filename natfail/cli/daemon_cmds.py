@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from natfail import commands, exitcodes
-from natfail.cli import client
+from natfail.cli import client, socket_lookup
 from natfail.cli.common import UsageError
+from natfail.locations import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -21,14 +22,16 @@ def socket_path(args: argparse.Namespace) -> Path:
     broke it must still reach the daemon (to see that `reload` refuses it)."""
     if args.socket is not None:
         return Path(args.socket)
+    path = args.config or DEFAULT_CONFIG
+    if args.config is None and not path.exists():
+        return DEFAULT_SOCKET
+    found = socket_lookup.socket_in(path)
+    if found is not None:
+        return found
     from natfail import config as cfg
 
-    path = args.config or cfg.DEFAULT_PATH
-    if args.config is None and not path.exists():
-        return cfg.DEFAULT_DAEMON.socket
     try:
-        daemon = cfg.read_daemon(path)
-        return (daemon or cfg.load(path).daemon).socket
+        return cfg.load(path).daemon.socket
     except cfg.ConfigError as exc:
         socket = _socket_from_raw(path)
         if socket is None:

@@ -38,7 +38,6 @@ from natfail.config.reader import (
     load,
     parse,
     read_config_file,
-    read_daemon,
     read_raw,
 )
 
@@ -60,7 +59,6 @@ from natfail.config.schema import (
     PRIORITY_MAX,
     PRIORITY_MIN,
     SOURCE_NATS,
-    UNIX_PATH_MAX,
     parse_listen,
 )
 from natfail.core.model import (
@@ -74,6 +72,7 @@ from natfail.core.model import (
     SourceNat,
 )
 from natfail.core.selector import FAILBACKS, Failback
+from natfail.locations import UNIX_PATH_MAX
 
 __all__ = [
     "CONFIG_FILE_LIMIT",
@@ -116,7 +115,6 @@ __all__ = [
     "parse",
     "parse_listen",
     "read_config_file",
-    "read_daemon",
     "read_raw",
     "warnings",
 ]

@@ -4,15 +4,9 @@ validate it, raising :class:`~natfail.config.problems.ConfigError`."""
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 has no tomllib
-    import tomli as tomllib
 
 from natfail.config.files import Unreadable, read_regular
 from natfail.config.lines import line_finder
@@ -24,10 +18,12 @@ from natfail.config.problems import (
     escape_unprintable,
     render,
 )
-from natfail.config.schema import build, daemon_settings
-from natfail.core.model import Config, DaemonSettings
+from natfail.config.schema import build
+from natfail.core.model import Config
+from natfail.locations import DEFAULT_CONFIG
+from natfail.tomlshim import tomllib
 
-DEFAULT_PATH: Final = Path("/etc/natfail/natfail.toml")
+DEFAULT_PATH: Final = DEFAULT_CONFIG
 # Far more than 1000 services need (about 300 bytes each), far less than hurts.
 CONFIG_FILE_LIMIT: Final = 4 * 1024 * 1024
 
@@ -98,51 +94,6 @@ def read_raw(path: Path | str) -> dict[str, Any]:
         return tomllib.loads(text)
     except (ValueError, RecursionError) as exc:
         raise ConfigError(path, "", f"TOML syntax error: {escape_unprintable(str(exc))}") from None
-
-
-_DAEMON_HEADER: Final = re.compile(r"\[\s*daemon\s*\]\s*(?:#.*)?")
-
-
-def daemon_fragment(text: str) -> str | None:
-    """The lines of the [daemon] table, when they alone define it: at most one
-    [daemon] header, no multi-line string, and "daemon" nowhere else but in
-    full-line comments (so no dotted key, inline table or other header adds
-    to it). None when that cannot be told without parsing the whole file."""
-    if '"""' in text or "'''" in text:
-        return None
-    inside, headers, kept = False, 0, []
-    for line in text.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            continue
-        if stripped.startswith("["):
-            inside = bool(_DAEMON_HEADER.fullmatch(stripped))
-            if inside:
-                headers += 1
-            elif "daemon" in stripped:
-                return None
-            continue
-        if inside:
-            kept.append(line)
-        elif "daemon" in line:
-            return None
-    return "\n".join(kept) if headers <= 1 else None
-
-
-def read_daemon(path: Path | str = DEFAULT_PATH) -> DaemonSettings | None:
-    """The [daemon] settings of a config file without parsing its services (a
-    thousand services take a tenth of a second to parse, and natfailctl only
-    wants the socket). None when the file's shape or a mistake in the table
-    asks for the whole file to be read (``load``); ConfigError when unreadable."""
-    path = Path(path)
-    text = read_config_file(path).decode("utf-8-sig", errors="replace")
-    fragment = daemon_fragment(text)
-    if fragment is None:
-        return None
-    try:
-        return daemon_settings({"daemon": tomllib.loads(fragment)}, path)
-    except (ValueError, RecursionError, Invalid):
-        return None
 
 
 def read_config_file(path: Path) -> bytes:

@@ -40,6 +40,7 @@ from natfail.core.model import (
     split_host_port,
 )
 from natfail.core.selector import FAILBACKS, Failback
+from natfail.locations import UNIX_PATH_MAX
 
 FIREWALLS: Final[tuple[Firewall, ...]] = ("nftables", "iptables")
 SOURCE_NATS: Final[tuple[SourceNat, ...]] = ("preserve", "masquerade")
@@ -61,7 +62,6 @@ PRIORITY_MAX: Final = 2**31 - 1
 NAME_MAX: Final = 32
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}")
 IFNAMSIZ: Final = 16  # kernel limit, including the trailing NUL
-UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes, including the NUL
 
 # The known keys of each table, in the order the example file documents them.
 _ROOT_KEYS: Final = ("daemon", "probe", "service")
@@ -365,11 +365,6 @@ def build(data: object, path: Path) -> Config:
     if found:
         raise InvalidAll(found)
     return Config(path, daemon, probe, services)
-
-
-def daemon_settings(data: object, path: Path) -> DaemonSettings:
-    """The [daemon] table of a parsed document alone; raises Invalid."""
-    return _daemon(Table(data, (), _ROOT_KEYS, _base_dir(path)).sub("daemon", _DAEMON_KEYS))
 
 
 def _base_dir(path: Path) -> Path:

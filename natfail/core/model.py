@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from natfail.core.selector import Failback
+from natfail.locations import DEFAULT_SOCKET
 
 Firewall = Literal["nftables", "iptables"]
 SourceNat = Literal["preserve", "masquerade"]
@@ -182,7 +183,7 @@ class Service:
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
     firewall: Firewall = "nftables"
-    socket: Path = Path("/run/natfail/natfail.sock")
+    socket: Path = DEFAULT_SOCKET
     state_dir: Path = Path("/var/lib/natfail")
     metrics_listen: str = ""  # "" = no metrics endpoint
     pair: bool = False  # one of a keepalived pair: decide only while holding the public address

@@ -1500,50 +1500,7 @@ def test_backend_agent_must_be_an_endpoint() -> None:
 
 
 # --------------------------------------------------------------------------
-# read_daemon: natfailctl's socket without parsing the services
-
-
-@pytest.mark.parametrize(
-    "daemon",
-    [
-        "",
-        '[daemon]\nsocket = "/run/x/natfail.sock"\n',
-        '# the daemon\n[daemon]  # natfail\nfirewall = "iptables"\nsocket = "rel.sock"\n',
-        '[daemon]\nstate_dir = "/var/lib/x"\n',
-    ],
-)
-def test_read_daemon_agrees_with_the_whole_file(tmp_path: Path, daemon: str) -> None:
-    path = tmp_path / "natfail.toml"
-    path.write_text(daemon + MINIMAL)
-    fast = cfg.read_daemon(path)
-    assert fast is not None and fast == load(path).daemon
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        'daemon.socket = "/a.sock"\n',  # a dotted key outside the table
-        'daemon = { socket = "/a.sock" }\n',  # an inline table
-        '[daemon]\nsocket = "/a.sock"\n[daemon]\nsocket = "/b.sock"\n',  # twice
-        '[daemon]\nsocket = """/a.sock"""\n',  # a multi-line string
-        "[daemon]\nsocket = 5\n",  # a mistake: the whole file tells it
-        '[daemon]\nsocket = "/a.sock"\nsocket = "/b.sock"\n',  # not TOML
-        "[daemon.extra]\nx = 1\n",
-    ],
-)
-def test_read_daemon_leaves_what_it_cannot_tell_to_the_whole_file(
-    tmp_path: Path, text: str
-) -> None:
-    path = tmp_path / "natfail.toml"
-    path.write_text(text + MINIMAL)
-    assert cfg.read_daemon(path) is None
-
-
-def test_read_daemon_ignores_the_services(tmp_path: Path) -> None:
-    path = tmp_path / "natfail.toml"
-    path.write_text('[daemon]\nsocket = "/run/x.sock"\n[[service]]\nname = 5\n')
-    daemon = cfg.read_daemon(path)
-    assert daemon is not None and daemon.socket == Path("/run/x.sock")
+# problems of a big file
 
 
 def test_the_lines_of_many_problems_come_from_one_reading(
