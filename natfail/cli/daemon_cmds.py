@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from natfail import commands, exitcodes
 from natfail.cli import client, socket_lookup
 from natfail.cli.common import UsageError
+from natfail.cli.jsonout import dumps_indented
 from natfail.locations import DEFAULT_CONFIG, DEFAULT_SOCKET
 
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if command == "events":
         events = {"events": reply.get("events", [])}
         if args.json:
-            print(json.dumps(events, indent=2))
+            print(dumps_indented(events))
         else:
             for e in events["events"]:
                 print(
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             print(line)
             return code
         if args.json:
-            print(json.dumps(status, indent=2))
+            print(dumps_indented(status))
         else:
             _print_status(status)
     elif reply.get("message"):
