@@ -4,7 +4,9 @@ Not run in CI. For each N (default 10, 100, 300, 1000), with ``interval = 1.0``:
 
 * CPU per probe, all-in: utime+stime of the daemon and of its descendants (the
   forked iptables helpers, anything it runs), plus the children it reaped, over a
-  measurement window after a warm-up, divided by the probes due in the window
+  measurement window after a warm-up (``--window``, made longer for a small
+  gateway so that at least MIN_WINDOW_PROBES are due: the CPU times come in
+  ticks of 10 ms), divided by the probes due in the window
   (N x 3 x window / interval). The UDP datagrams the gateway namespace sent in
   the window (``Udp: OutDatagrams`` of /proc/<daemon>/net/snmp: the daemon is the
   namespace's only UDP sender) are the probes actually sent, a cross-check.
@@ -438,6 +440,9 @@ def sample(pid: int, backend_pids: Sequence[int]) -> Sample:
 # --- the backends ---------------------------------------------------------------------------
 
 
+MIN_WINDOW_PROBES = 2700
+"""Probes due in the shortest measurement window (10 services: 90 s)."""
+
 LINK_UP_BATCH = 8
 """Links set up per ``ip -batch`` in one backend namespace (see Farm._start_wireguard)."""
 
@@ -730,9 +735,12 @@ class SizeRun:
         return len(states) == 3 * n and all(s == "up" for _, _, s in states)
 
     def _window(self, pid: int) -> None:
-        done = timed(f"window of {self.window:g} s")
+        # CPU times come in ticks of 10 ms: a small gateway's window is made
+        # long enough for MIN_WINDOW_PROBES probes, so that a tick is < 2 %.
+        window = max(self.window, MIN_WINDOW_PROBES * INTERVAL / (3 * self.services))
+        done = timed(f"window of {window:g} s")
         before = sample(pid, self.farm.pids)
-        time.sleep(self.window)
+        time.sleep(window)
         after = sample(pid, self.farm.pids)
         done()
         seconds = after.at - before.at
