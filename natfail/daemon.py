@@ -63,6 +63,11 @@ STATE_FILE = saved.STATE_FILE
 # grows with the number of services, and no probe round reads the firewall.
 SAFETY_CHECK_INTERVAL = 30.0
 UNWATCHED_CHECK_INTERVAL = 2.0
+IDLE_TICK = 5.0
+"""Seconds between two turns of the main loop when nothing wakes it (a stop,
+a reload, a failed transaction all do): its own work (the periodic check,
+the foreign-NAT check) is due every 15 s or more, and on a small gateway a
+turn every second was a visible share of the CPU."""
 
 WatchRuleset = Callable[[Callable[[], None], Callable[[int], bool]], "asyncio.Future[None]"]
 
@@ -394,11 +399,8 @@ class Daemon:
 
     async def _main_loop(self) -> None:
         watchdog = self.notifier.watchdog_interval
-        tick = (
-            min(watchdog / 2, 1.0, self._check_interval)
-            if watchdog
-            else min(1.0, self._check_interval)
-        )
+        tick = min(watchdog / 2, IDLE_TICK) if watchdog else IDLE_TICK
+        tick = min(tick, self._check_interval)
         while not self._stop.is_set():
             waiters = [
                 asyncio.ensure_future(e.wait())

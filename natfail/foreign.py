@@ -26,7 +26,8 @@ log = logging.getLogger("natfail")
 
 FOREIGN_CHECK_INTERVAL = 15.0
 FOREIGN_LOOKS_PER_SECOND = 2.0
-MAX_CATCH_UP = 2.0
+MAX_CATCH_UP = 10.0
+"""Seconds of a stalled loop counted (two main loop ticks): no burst of dumps after."""
 _NONE = PublicFlows(0, 0)
 
 
