@@ -47,10 +47,9 @@ def _socket_from_raw(path: Path) -> Path | None:
     except cfg.ConfigError:
         return None
     daemon = data.get("daemon", {})
-    socket = daemon.get("socket") if isinstance(daemon, dict) else None
-    if socket is None:
-        return cfg.DEFAULT_DAEMON.socket
-    return Path(socket) if isinstance(socket, str) and socket else None
+    return socket_lookup.socket_value(
+        daemon.get("socket") if isinstance(daemon, dict) else None, path
+    )
 
 
 def _rtt(value: Any) -> str:

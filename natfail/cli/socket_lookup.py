@@ -15,11 +15,10 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from natfail.locations import DEFAULT_SOCKET, UNIX_PATH_MAX
+from natfail.locations import CONFIG_FILE_LIMIT, DEFAULT_SOCKET, UNIX_PATH_MAX
 from natfail.tomlshim import tomllib
 
 _DAEMON_HEADER: Final = re.compile(r"\[\s*daemon\s*\]\s*(?:#.*)?")
-_LIMIT: Final = 4 * 1024 * 1024  # the config package's CONFIG_FILE_LIMIT
 
 
 def daemon_fragment(text: str) -> str | None:
@@ -49,15 +48,16 @@ def daemon_fragment(text: str) -> str | None:
 
 
 def _read(path: Path) -> str:
-    """A regular file of at most _LIMIT bytes (a FIFO in its place must not hang us)."""
+    """A regular file of at most CONFIG_FILE_LIMIT bytes (a FIFO in its place
+    must not hang us): the config package's reading, without its imports."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError("not a regular file")
-        data = os.read(fd, _LIMIT + 1)
+        data = os.read(fd, CONFIG_FILE_LIMIT + 1)
     finally:
         os.close(fd)
-    if len(data) > _LIMIT:
+    if len(data) > CONFIG_FILE_LIMIT:
         raise OSError("too large")
     return data.decode("utf-8-sig")
 
@@ -73,13 +73,19 @@ def socket_in(path: Path) -> Path | None:
         value = tomllib.loads(fragment).get("socket")
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
+    return socket_value(value, path)
+
+
+def socket_value(value: object, config: Path) -> Path | None:
+    """The socket a ``daemon.socket`` value names (None: not set, the default),
+    relative to the config file's directory; None when it names none."""
     if value is None:
         return DEFAULT_SOCKET
     if not isinstance(value, str) or not value or "\0" in value:
         return None
     socket = Path(value)
     if not socket.is_absolute():
-        socket = Path(os.path.abspath(path)).parent / socket
+        socket = Path(os.path.abspath(config)).parent / socket
     if len(str(socket).encode("utf-8", "surrogatepass")) > UNIX_PATH_MAX:
         return None
     return socket

@@ -32,7 +32,6 @@ from natfail.config.keys import (
 )
 from natfail.config.problems import ConfigError, Problem
 from natfail.config.reader import (
-    CONFIG_FILE_LIMIT,
     DEFAULT_PATH,
     from_mapping,
     load,
@@ -72,7 +71,7 @@ from natfail.core.model import (
     SourceNat,
 )
 from natfail.core.selector import FAILBACKS, Failback
-from natfail.locations import UNIX_PATH_MAX
+from natfail.locations import CONFIG_FILE_LIMIT, UNIX_PATH_MAX
 
 __all__ = [
     "CONFIG_FILE_LIMIT",

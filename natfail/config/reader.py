@@ -20,12 +20,10 @@ from natfail.config.problems import (
 )
 from natfail.config.schema import build
 from natfail.core.model import Config
-from natfail.locations import DEFAULT_CONFIG
+from natfail.locations import CONFIG_FILE_LIMIT, DEFAULT_CONFIG
 from natfail.tomlshim import tomllib
 
 DEFAULT_PATH: Final = DEFAULT_CONFIG
-# Far more than 1000 services need (about 300 bytes each), far less than hurts.
-CONFIG_FILE_LIMIT: Final = 4 * 1024 * 1024
 
 _AT_RE: Final = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 

@@ -136,6 +136,9 @@ def _encode(reply: dict[str, Any]) -> bytes:
 _SO_SNDBUFFORCE: Final = 32  # <asm-generic/socket.h>; Python's socket module lacks it
 
 
+_DEFAULT_ROOM: Final = 64 * 1024
+
+
 def _room_for(conn: socket.socket, size: int) -> None:
     """Let a large reply (status of a thousand services: 650 kB) go in one
     write: by the default send buffer's fill, each further part waited for
@@ -148,9 +151,6 @@ def _room_for(conn: socket.socket, size: int) -> None:
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.SOL_SOCKET, option, size)
             return
-
-
-_DEFAULT_ROOM: Final = 64 * 1024
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -269,6 +269,10 @@ class ControlServer:
 
     def _accept_ready(self) -> None:
         assert self._listener is not None
+        # One request of a wake-up at most is answered at once: a status of a
+        # thousand services holds the loop 25 ms, and a burst of them must not
+        # hold the probes for a whole batch; the others take turns with them.
+        quick = True
         for _ in range(ACCEPT_BATCH):
             if self._open >= MAX_CONNECTIONS:
                 # Root holds every slot: the rest wait in the backlog.
@@ -284,9 +288,10 @@ class ControlServer:
                 self._repeats.report(accept_failure("control", exc))
                 self._rest()
                 return
-            self._admit(conn)
+            self._admit(conn, quick)
+            quick = False
 
-    def _admit(self, conn: socket.socket) -> None:
+    def _admit(self, conn: socket.socket, quick: bool = False) -> None:
         assert self._loop is not None
         try:
             conn.setblocking(False)
@@ -302,7 +307,7 @@ class ControlServer:
                 return
         self._open += 1
         self._by_uid[peer.uid] = self._by_uid.get(peer.uid, 0) + 1
-        rest = self._answer_now(conn, peer)
+        rest = self._answer_now(conn, peer) if quick else None
         if rest == b"":
             self._release(peer)
             conn.close()

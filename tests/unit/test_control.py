@@ -506,3 +506,29 @@ def test_a_quick_reply_larger_than_the_send_buffer_arrives_whole(
         assert (await _call(path, {"command": "ping"}))["message"] == "did ping"
 
     _with_server(body, tmp_path, _quick)
+
+
+def test_one_request_per_wake_up_is_answered_at_once(tmp_path: Path) -> None:
+    """A burst of waiting status requests must not hold the loop for all of
+    them in one turn: the first is answered at once, the others in turns."""
+
+    async def body(path: Path) -> None:
+        socks = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(path))
+            sock.sendall(b'{"command": "status"}\n')
+            sock.setblocking(False)
+            socks.append(sock)
+        loop = asyncio.get_running_loop()
+        replies = []
+        for sock in socks:
+            data = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(sock, 65536), 10):
+                data += chunk
+            sock.close()
+            replies.append(json.loads(data))
+        assert [r.get("quick", False) for r in replies] == [True, False, False]
+        assert all(r["ok"] for r in replies)
+
+    _with_server(body, tmp_path, _quick)

@@ -66,3 +66,15 @@ def test_a_fifo_or_a_missing_file_is_left_to_the_whole_file(tmp_path: Path) -> N
     assert socket_lookup.socket_in(fifo) is None
     assert time.monotonic() - started < 5  # never waits for a writer
     assert socket_lookup.socket_in(tmp_path / "missing.toml") is None
+
+
+def test_a_relative_socket_of_a_broken_file_is_the_config_directorys(tmp_path: Path) -> None:
+    """The fallback that reads a broken file raw resolves the socket as load does."""
+    import argparse
+
+    from natfail.cli.daemon_cmds import socket_path
+
+    path = tmp_path / "natfail.toml"
+    path.write_text('daemon.socket = "rel.sock"\n[[service]]\nname = 5\n')
+    args = argparse.Namespace(socket=None, config=path)
+    assert socket_path(args) == tmp_path / "rel.sock"
