@@ -225,10 +225,11 @@ class Agent(asyncio.DatagramProtocol):
                 return None
         served.reading = None  # the peers changed under the last reading
         log.info(
-            "%s: activated %d of %d clients (epoch %d, page %d/%d) in %.1f ms",
+            "%s: activated %d of %d clients, %d of them re-added (epoch %d, page %d/%d) in %.1f ms",
             served.name,
             done.initiated,
             len(targets),
+            done.cleared,
             decoded.epoch,
             decoded.page + 1,
             decoded.pages,

@@ -22,43 +22,61 @@ Activation, from the sources of wireguard-go (``device/uapi.go``, ``send.go``,
   one and would send the keepalive on the stale keys, which the client, now in
   a session with another backend, drops; and a peer sends at most one
   initiation per 5 s (REKEY_TIMEOUT, ``lastSentHandshake``);
-* so each target peer is removed and added again within one transaction, with
-  all of its own settings (preshared key, allowed IPs, keepalive) and the
-  endpoint the gateway gave. A new peer holds no keypair, its
-  ``lastSentHandshake`` lies 6 s in the past (``NewPeer``/``Start``; kernel
-  ``wg_peer_create``), and its keepalive starts at 0: the re-add with a
-  non-zero keepalive starts an initiation at once. Within one ``set=1`` the
-  removal takes the key out of the peer map before the next ``public_key=``
-  line looks it up, so the same key is created afresh; the kernel's
-  ``set_peer`` does the same per peer attribute, in order.
-* a peer whose own keepalive is 0 is re-added with :data:`KICK_KEEPALIVE` and
-  set back to 0 by a second section for the same key later in the SAME
-  transaction: the first section's keepalive has been sent by then
-  (wireguard-go sends it synchronously when the next ``public_key=`` line
-  arrives; the kernel queues the initiation work, which a keepalive of 0 does
-  not cancel). Turning it off in the re-adding section itself would not work:
-  only the last value of a section counts.
+* a peer that holds no session is kicked in place: its endpoint set and its
+  keepalive taken from 0 to :data:`KICK_KEEPALIVE` (or, when it has its own
+  keepalive N, to 0 and back to N in a second section for the same key), its
+  other settings left alone; ``update_only=true`` keeps a peer removed since
+  the reading from being created again. wireguard-go does that for two
+  X25519 (the initiation's ephemeral key and its DH with the client's key);
+* a peer that may still hold a keypair (a handshake in the last 180 s, plus
+  :data:`SESSION_MARGIN` for a clock step: :func:`holds_session`) is removed
+  and added again within one transaction, with all of its own settings
+  (preshared key, allowed IPs, keepalive) and the endpoint the gateway gave. A
+  new peer holds no keypair, its ``lastSentHandshake`` lies 6 s in the past
+  (``NewPeer``/``Start``; kernel ``wg_peer_create``), and its keepalive starts
+  at 0: the re-add with a non-zero keepalive starts an initiation at once.
+  Within one ``set=1`` the removal takes the key out of the peer map before
+  the next ``public_key=`` line looks it up, so the same key is created
+  afresh; the kernel's ``set_peer`` does the same per peer attribute, in
+  order. It costs one X25519 more (the static-static DH of the new peer);
+* an in-place kick sends nothing when the peer sent a handshake message in
+  the last 5 s: an earlier activation's initiation (retried every 5 s for up
+  to 90 s while the client stays silent), one the backend's own traffic to
+  the client started, or a response. wireguard-go sends synchronously within
+  the ``set=1``, so a second ``get=1`` right after shows it: a peer whose
+  ``tx_bytes`` did not grow is re-added then (:meth:`Uapi.activate`). The
+  kernel hands its initiations to workers and counts them later, so
+  :class:`WgTool` re-adds every target (the kernel's workers run the
+  handshakes on every core; the re-add's one X25519 is all it adds);
+* a peer whose own keepalive is 0 is set back to 0 by a last section for the
+  same key later in the SAME transaction: the kick's keepalive has been sent
+  by then (wireguard-go sends it synchronously when the next ``public_key=``
+  line arrives; the kernel queues the initiation work, which a keepalive of
+  0 does not cancel). Turning it off in the kicking section itself would not
+  work: only the last value of a section counts (the kernel), and
+  wireguard-go keeps ``pkaOn`` from section to section, so every section
+  sets the keepalive explicitly.
 
 One transaction per batch of at most :data:`BATCH_SIZE` peers. Through ``wg`` (the
 kernel) a short pause separates two batches, because the kernel hands the
 initiations to its workers at once and the replies come back together: it
 demands cookies above 512 queued handshakes. wireguard-go needs no pause: it
 builds and sends each initiation in turn, synchronously, inside the ``set=1``
-(measured on a 2-vCPU Xeon VM: about 100 us of its CPU per initiation, two
-X25519, and 70 us per re-add, one X25519 for the static-static DH; the
-removal and the keepalive restore cost a few us), so its replies come back
-paced by its own work, one at a time, and a pause between batches changes
-nothing about that rate: it would only leave wireguard-go idle. That serial
-work, about 170 us a peer under wireguard-go's UAPI lock, is nearly all of
-an activation's time (``bench/bench_activation.py``).
+(measured on a 2-vCPU Xeon VM: about 80 us of its CPU per in-place kick and
+135 us per re-add), so its replies come back paced by its own work, one at a
+time, and a pause between batches changes nothing about that rate: it would
+only leave wireguard-go idle. That serial work, under wireguard-go's UAPI
+lock, is nearly all of an activation's time (``bench/bench_activation.py``).
 
 Through UAPI the agent's own work hides behind wireguard-go's: ``activate``
 reads the interface once, indexes the answer by public key (:func:`uapi_index`)
 and parses only the target peers' sections, each batch's while wireguard-go
-carries out the previous one (:meth:`Uapi.activate`). The transactions stay
-strictly one after the other. One connection per transaction: wireguard-go
-v0.0.20220316 reads a ``set=1`` through a ``bufio.Scanner`` that reads ahead,
-so a second request pipelined on the same connection would be lost.
+carries out the previous one (:meth:`Uapi.activate`); the first batch is
+short (:data:`FIRST_BATCH`), so that wireguard-go starts at once. The
+transactions stay strictly one after the other. One connection per
+transaction: wireguard-go v0.0.20220316 reads a ``set=1`` through a
+``bufio.Scanner`` that reads ahead, so a second request pipelined on the same
+connection would be lost.
 
 Never reported, logged or put in an exception: private and preshared keys
 (``Interface.private_key`` and ``Peer.preshared_key`` are ``repr=False``)."""
@@ -74,7 +92,7 @@ import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Protocol
@@ -89,8 +107,10 @@ UAPI_DIR: Final = "/var/run/wireguard"
 KEY_LEN: Final = 32
 NO_KEY: Final = bytes(KEY_LEN)  # WireGuard's "no preshared key"
 RECENT_WINDOW: Final = 180.0  # REJECT_AFTER_TIME: an older keypair is dead anyway
+SESSION_MARGIN: Final = 5.0  # seconds a wall clock step may hide a live keypair by
 BATCH_SIZE: Final = 256
 BATCH_PAUSE: Final = 0.002  # seconds between two batches of an activation through `wg`
+FIRST_BATCH: Final = 32  # peers in an activation's first UAPI batch (Uapi.activate)
 UAPI_BATCH_PAUSE: Final = 0.0  # wireguard-go paces its initiations itself (module docstring)
 KICK_KEEPALIVE: Final = 25  # the non-zero keepalive a re-added peer briefly gets
 IO_TIMEOUT: Final = 5.0  # seconds for one UAPI transaction or one `wg` run
@@ -150,6 +170,7 @@ class Activation:
     known: int  # targets that are peers of this interface
     initiated: int  # peers kicked into a handshake
     elapsed: float  # seconds, from the call to the last transaction's answer
+    cleared: int = 0  # of those, removed and re-added to clear a session
 
 
 Target = tuple[bytes, Endpoint]
@@ -503,12 +524,47 @@ def activation_targets(targets: Sequence[Target]) -> dict[bytes, Endpoint]:
     return chosen
 
 
-def uapi_activation(batch: Batch) -> bytes:
+def holds_session(peer: Peer, now: float) -> bool:
+    """Whether ``peer`` may still hold a keypair it would send a kick on: a
+    handshake less than REJECT_AFTER_TIME (plus :data:`SESSION_MARGIN`) before
+    ``now``, or one "in the future" (the clock stepped back)."""
+    return peer.last_handshake > 0 and now - peer.last_handshake < RECENT_WINDOW + SESSION_MARGIN
+
+
+def section_tx(sections: Sequence[str]) -> int | None:
+    """The ``tx_bytes`` of a peer's first section of a :func:`uapi_index`, or
+    None when it has none that reads."""
+    if not sections:
+        return None
+    body = "\n" + sections[0]
+    start = body.find("\ntx_bytes=")
+    if start < 0:
+        return None
+    start += len("\ntx_bytes=")
+    end = body.find("\n", start)
+    return _uint(body[start : end if end >= 0 else None], 2**64)
+
+
+def uapi_activation(batch: Batch, in_place: Collection[bytes] = frozenset()) -> bytes:
     """One ``set=1`` transaction kicking every peer of the batch (see the module
-    docstring for why it has this shape)."""
+    docstring for why it has this shape): the peers in ``in_place`` by their
+    keepalive alone, every other one removed and re-added."""
     lines = ["set=1"]
     for peer, endpoint in batch:
         key = peer.public_key.hex()
+        if peer.public_key in in_place:
+            # update_only: a peer removed since the reading is not created again
+            lines += [f"public_key={key}", "update_only=true", f"endpoint={endpoint}"]
+            if peer.persistent_keepalive:
+                lines += [
+                    "persistent_keepalive_interval=0",
+                    f"public_key={key}",
+                    "update_only=true",
+                ]
+            lines.append(
+                f"persistent_keepalive_interval={peer.persistent_keepalive or KICK_KEEPALIVE}"
+            )
+            continue
         lines += [f"public_key={key}", "remove=true", f"public_key={key}"]
         if peer.preshared_key != NO_KEY:
             lines.append(f"preshared_key={peer.preshared_key.hex()}")
@@ -517,7 +573,8 @@ def uapi_activation(batch: Batch) -> bytes:
         lines += [f"allowed_ip={prefix}" for prefix in peer.allowed_ips]
     for peer, _ in batch:
         if peer.persistent_keepalive == 0:
-            lines += [f"public_key={peer.public_key.hex()}", "persistent_keepalive_interval=0"]
+            lines += [f"public_key={peer.public_key.hex()}", "update_only=true"]
+            lines.append("persistent_keepalive_interval=0")
     return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
@@ -553,7 +610,7 @@ def _run_batches(
             time.sleep(pause)
         apply(batch)
         initiated += len(batch)
-    return Activation(known, initiated, time.monotonic() - started)
+    return Activation(known, initiated, time.monotonic() - started, initiated)
 
 
 # --- wireguard-go: the UAPI socket --------------------------------------------------------
@@ -587,53 +644,85 @@ class Uapi:
         return parse_uapi(self.name, self._transact(b"get=1\n\n", "get"))
 
     def activate(self, targets: Sequence[Target]) -> Activation:
-        """One ``get=1``, then one ``set=1`` per batch, as :func:`plan_activation`
-        and :func:`uapi_activation` would have them; each batch's peers are read
-        from the answer and its request built while wireguard-go carries out
-        the previous batch (its answer is awaited before the next is sent)."""
+        """One ``get=1``, then one ``set=1`` per batch: a target that holds no
+        session (:func:`holds_session`) is kicked in place, any other removed
+        and re-added (:func:`uapi_activation`). A second ``get=1`` then shows
+        which in-place kicks sent nothing (their ``tx_bytes`` did not grow:
+        the peer had sent a handshake message less than 5 s before, by its own
+        timers or an earlier activation); those are re-added, which always
+        initiates. Each batch's peers are read from the answer and its request
+        built while wireguard-go carries out the previous batch (its answer is
+        awaited before the next is sent)."""
         started = time.monotonic()
         _check_batch_size(self.batch_size)
         wanted = activation_targets(targets)
+        now = time.time()
         index = uapi_index(self.name, self._transact(b"get=1\n\n", "get"))
-        known = initiated = 0
-        pending: tuple[socket.socket, int] | None = None  # a set sent, its answer unread
+        sent_before: dict[bytes, int] = {}  # the in-place kicks, by their tx_bytes
+        moves: Batch = []
 
-        def send(batch: Batch) -> None:
-            nonlocal pending, initiated
-            request = uapi_activation(batch)  # while the previous set runs
-            if pending is not None:
-                sock, count = pending
-                pending = None
-                with sock:
-                    self._answer(sock, "set")
-                initiated += count
-                if self.pause > 0:
-                    time.sleep(self.pause)
-            pending = (self._send(request, "set"), len(batch))
-
-        try:
+        def first_pass() -> Iterator[tuple[Batch, Collection[bytes]]]:
             batch: Batch = []
             for key, endpoint in wanted.items():
                 sections = index.get(key)
                 peer = section_peer(key, sections) if sections else None
-                if peer is not None:
-                    known += 1
-                    batch.append((peer, endpoint))
-                    if len(batch) == self.batch_size:
-                        send(batch)
-                        batch = []
+                if peer is None:
+                    continue
+                tx = None if holds_session(peer, now) else section_tx(sections or ())
+                if tx is not None:
+                    sent_before[key] = tx
+                batch.append((peer, endpoint))
+                # a short first batch: wireguard-go starts while the rest is read
+                if len(batch) == (self.batch_size if moves else min(self.batch_size, FIRST_BATCH)):
+                    moves.extend(batch)
+                    yield batch, sent_before
+                    batch = []
             if batch:
-                send(batch)
+                moves.extend(batch)
+                yield batch, sent_before
+
+        self._pipeline(first_pass())
+        cleared = len(moves) - len(sent_before)
+        if sent_before:
+            after = uapi_index(self.name, self._transact(b"get=1\n\n", "get"))
+            again: Batch = []
+            for peer, endpoint in moves:
+                key = peer.public_key
+                sections = after.get(key)
+                if key not in sent_before or not sections:
+                    continue  # re-added already, or removed since: not ours to bring back
+                tx = section_tx(sections)
+                if tx is None or tx <= sent_before[key]:
+                    now_peer = section_peer(key, sections)
+                    if now_peer is not None:
+                        again.append((now_peer, endpoint))
+            size = self.batch_size
+            self._pipeline((again[i : i + size], ()) for i in range(0, len(again), size))
+            cleared += len(again)
+        return Activation(len(moves), len(moves), time.monotonic() - started, cleared)
+
+    def _pipeline(self, batches: Iterable[tuple[Batch, Collection[bytes]]]) -> None:
+        """One ``set=1`` per batch, strictly one after the other; the next
+        batch is drawn and its request built before the answer to the
+        current one is awaited."""
+        pending: socket.socket | None = None  # a set sent, its answer unread
+        try:
+            for count, (batch, in_place) in enumerate(batches):
+                request = uapi_activation(batch, in_place)
+                if pending is not None:
+                    with pending:
+                        self._answer(pending, "set")
+                    pending = None
+                if count and self.pause > 0:
+                    time.sleep(self.pause)
+                pending = self._send(request, "set")
             if pending is not None:
-                sock, count = pending
+                with pending:
+                    self._answer(pending, "set")
                 pending = None
-                with sock:
-                    self._answer(sock, "set")
-                initiated += count
         finally:
             if pending is not None:
-                pending[0].close()
-        return Activation(known, initiated, time.monotonic() - started)
+                pending.close()
 
     def _transact(self, request: bytes, what: str) -> str:
         """Sends one request; the body of the answer (``errno=0`` removed)."""

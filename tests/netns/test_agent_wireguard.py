@@ -9,6 +9,8 @@ endpoint and with persistent keepalive 0, as a standby that never met it."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import secrets
 import subprocess
 import sys
@@ -231,7 +233,7 @@ def test_activate_makes_a_fresh_backend_initiate(pair: Pair) -> None:
     result = pair.backend.activate(
         [(pair.client_key.public, CLIENT_ENDPOINT), (stranger, CLIENT_ENDPOINT)]
     )
-    assert (result.known, result.initiated) == (1, 1)
+    assert (result.known, result.initiated, result.cleared) == (1, 1, 0)  # kicked in place
     assert result.elapsed > 0
     _wait_backend_initiated(pair)
     # the client learnt the backend's endpoint from the backend's initiation
@@ -261,7 +263,7 @@ def test_activate_clears_a_live_session_and_restores_the_peer(
     assert first > 0
 
     result = pair.backend.activate([(pair.client_key.public, CLIENT_ENDPOINT)])
-    assert (result.known, result.initiated) == (1, 1)
+    assert (result.known, result.initiated, result.cleared) == (1, 1, 1)
     second = _wait_backend_initiated(pair, first)
     assert second > first
 
@@ -292,7 +294,10 @@ def test_activate_in_batches_restores_every_peer_and_starts_one_initiation_each(
     """Eight more peers with their own mixes of settings, activated in batches
     of three (and the pair's client, the one peer that answers): each ends
     with its own settings and the endpoint given, having sent exactly one
-    initiation (a re-added peer's counters start at zero); a peer not
+    initiation. None had a session: all are kicked in place, with their own
+    keepalive or KICK_KEEPALIVE, but the four with a keepalive of their own
+    tried an initiation when it was set (with no endpoint to send it to), so
+    wireguard-go swallows their kicks and they are re-added. A peer not
     targeted is left alone, an unknown target is skipped."""
     backend_if = pair.hosts.backend_if
     psk_file = pair.directory / "psk8"
@@ -318,7 +323,7 @@ def test_activate_in_batches_restores_every_peer_and_starts_one_initiation_each(
 
     transfer = _transfer(backend_if)
     after = {p.public_key: p for p in pair.backend.read().peers}
-    assert (result.known, result.initiated) == (8, 8)
+    assert (result.known, result.initiated, result.cleared) == (8, 8, 4)
     assert after.keys() == before.keys()
     for key, endpoint in targets:
         if key not in before:
@@ -334,6 +339,89 @@ def test_activate_in_batches_restores_every_peer_and_starts_one_initiation_each(
     assert transfer[untouched] == (0, 0)
     assert sum(1 for p in after.values() if p.preshared_key == psk) == 3
     _wait_backend_initiated(pair)
+
+
+_LISTENER = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    data = sock.recv(2048)
+    if len(data) == 148 and data[0] == 1:  # a handshake initiation
+        print("initiation", flush=True)
+"""
+
+
+class Initiations:
+    """Counts the handshake initiations reaching a UDP port of the client's
+    host where nothing answers them."""
+
+    def __init__(self, ns: str, endpoint: Endpoint) -> None:
+        argv = [sys.executable, "-c", _LISTENER, str(endpoint.ip), str(endpoint.port)]
+        self.proc = subprocess.Popen(ns_argv(ns, argv), stdout=subprocess.PIPE)
+        self.seen = b""
+        assert self.proc.stdout is not None
+        self.out = self.proc.stdout.fileno()
+        os.set_blocking(self.out, False)
+        assert wait_until(lambda: self._read().startswith(b"ready\n"), DEADLINE, 0.02)
+
+    def _read(self) -> bytes:
+        with contextlib.suppress(BlockingIOError):
+            self.seen += os.read(self.out, 4096) or b""
+        return self.seen
+
+    def count(self) -> int:
+        return self._read().count(b"initiation\n")
+
+    def wait(self, count: int, timeout: float) -> bool:
+        return wait_until(lambda: self.count() >= count, timeout, 0.01)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+QUICK = 3.0
+"""Seconds within which an initiation the activation sent arrives (it takes
+milliseconds); wireguard-go's own retry could come only 5 s after the one
+before, which this test sends less than a second before the activation."""
+
+
+@pytest.mark.parametrize("cause", ["activation", "own traffic"])
+def test_a_peer_that_just_sent_an_initiation_is_re_added_and_initiates_now(
+    pair: Pair, cause: str
+) -> None:
+    """wireguard-go sends a peer at most one initiation per 5 s: a kick in place
+    right after one, whether an earlier activation sent it (to a client that
+    never answered) or the backend's own traffic to the client did, would
+    send nothing, and the client would wait for the retry. The activation
+    sees that the peer's tx_bytes did not grow and re-adds it."""
+    silent = Endpoint.parse(f"{CLIENT_IP}:40001")
+    client = pair.client_key.public
+    listener = Initiations(pair.hosts.client_ns, silent)
+    try:
+        if cause == "activation":
+            first = pair.backend.activate([(client, silent)])
+            assert (first.initiated, first.cleared) == (1, 0)
+        else:
+            pair.wg("set", pair.hosts.backend_if, "peer", pair.client_key.public_b64,
+                    "endpoint", str(silent))  # fmt: skip
+            run(ns_argv(pair.hosts.backend_ns, [sys.executable, "-c",
+                "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                f".sendto(b'x', ('{CLIENT_TUNNEL}', 9))"]))  # fmt: skip
+        assert listener.wait(1, DEADLINE)
+        again = pair.backend.activate([(client, silent)])
+        assert (again.known, again.initiated, again.cleared) == (1, 1, 1)
+        assert listener.wait(2, QUICK), "the re-added peer sent no initiation"
+    finally:
+        listener.close()
+    peer = pair.backend.read().peer(client)
+    assert peer is not None
+    assert (peer.endpoint, peer.persistent_keepalive) == (silent, 0)
+    assert peer.allowed_ips == (f"{CLIENT_TUNNEL}/32",)
 
 
 def test_wg_tool_activates_through_wireguard_go(psk_pair: Pair) -> None:

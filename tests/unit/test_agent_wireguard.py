@@ -15,7 +15,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -390,11 +390,65 @@ def test_uapi_transaction_removes_readds_and_restores_in_one_set() -> None:
         "allowed_ip=10.99.1.0/24\n"
         f"public_key={K3.hex()}\nremove=true\npublic_key={K3.hex()}\n"
         f"endpoint=203.0.113.5:1234\npersistent_keepalive_interval={KICK_KEEPALIVE}\n"
-        # ... and set back to 0 after every re-add of the batch
-        f"public_key={K2.hex()}\npersistent_keepalive_interval=0\n"
-        f"public_key={K3.hex()}\npersistent_keepalive_interval=0\n"
+        # ... and set back to 0 after every re-add of the batch (never creating
+        # a peer removed meanwhile)
+        f"public_key={K2.hex()}\nupdate_only=true\npersistent_keepalive_interval=0\n"
+        f"public_key={K3.hex()}\nupdate_only=true\npersistent_keepalive_interval=0\n"
         "\n"
     )
+
+
+def test_uapi_transaction_kicks_in_place_the_peers_asked_for() -> None:
+    iface = parse_uapi("wg0", UAPI_GET)
+    batch = batch_of(iface, (K1, NEW), (K2, NEW6), (K3, NEW))
+    text = uapi_activation(batch, {K1, K2}).decode()
+    assert text == (
+        "set=1\n"
+        # k1 (keepalive 25): off, then its own value again, which sends the keepalive
+        f"public_key={K1.hex()}\nupdate_only=true\nendpoint=203.0.113.5:1234\n"
+        "persistent_keepalive_interval=0\n"
+        f"public_key={K1.hex()}\nupdate_only=true\npersistent_keepalive_interval=25\n"
+        # k2 (keepalive 0): KICK_KEEPALIVE, without touching its other settings
+        f"public_key={K2.hex()}\nupdate_only=true\nendpoint=[2001:db8::99]:4321\n"
+        f"persistent_keepalive_interval={KICK_KEEPALIVE}\n"
+        # k3 is not in place: re-added
+        f"public_key={K3.hex()}\nremove=true\npublic_key={K3.hex()}\n"
+        f"endpoint=203.0.113.5:1234\npersistent_keepalive_interval={KICK_KEEPALIVE}\n"
+        f"public_key={K2.hex()}\nupdate_only=true\npersistent_keepalive_interval=0\n"
+        f"public_key={K3.hex()}\nupdate_only=true\npersistent_keepalive_interval=0\n"
+        "\n"
+    )
+    assert PSK.hex() not in text  # an in-place kick leaves the preshared key alone
+
+
+def test_a_session_is_held_for_reject_after_time_plus_a_margin() -> None:
+    def peer(handshake: float) -> Peer:
+        return Peer(K1, EP1, handshake, 0, (), NO_KEY)
+
+    now = 1_800_000_000.0
+    assert not wg.holds_session(peer(0.0), now)
+    assert wg.holds_session(peer(now - 1), now)
+    assert wg.holds_session(peer(now - wg.RECENT_WINDOW), now)
+    assert wg.holds_session(peer(now - wg.RECENT_WINDOW - wg.SESSION_MARGIN + 0.5), now)
+    assert not wg.holds_session(peer(now - wg.RECENT_WINDOW - wg.SESSION_MARGIN), now)
+    assert wg.holds_session(peer(now + 30), now)  # the clock stepped back
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ([], None),
+        (["tx_bytes=148\nrx_bytes=0\n"], 148),
+        (["preshared_key=00\ntx_bytes=7"], 7),
+        (["rx_bytes=9\ntx_bytes=12\n", "tx_bytes=99\n"], 12),  # the first section counts
+        (["rx_bytes=9\n"], None),
+        (["tx_bytes=-1\n"], None),
+        (["tx_bytes=\n"], None),
+        (["xtx_bytes=5\n"], None),
+    ],
+)
+def test_section_tx(sections: list[str], expected: int | None) -> None:
+    assert wg.section_tx(sections) == expected
 
 
 def test_wg_argv_is_the_same_transaction_with_key_files() -> None:
@@ -445,13 +499,16 @@ def test_open_interface_picks_uapi_when_the_socket_exists(tmp_path: Path) -> Non
 
 
 class FakeUapiServer:
-    """Answers UAPI on a unix socket: ``get=1`` with ``body``, ``set=1`` with
-    ``errno``; records every request. ``mode`` "close" hangs up without an
+    """Answers UAPI on a unix socket: ``get=1`` with ``body`` (every ``get=1``
+    after the first with ``after`` once set), ``set=1`` with ``errno``; records
+    every request. ``mode`` "close" hangs up without an
     answer, "silent" never answers, "garbage" answers without an errno line."""
 
     def __init__(self, directory: Path, name: str, body: str) -> None:
         self.path = directory / f"{name}.sock"
         self.body = body
+        self.after: str | None = None
+        self.gets = 0
         self.errno = 0
         self.mode = "normal"
         self.requests: list[str] = []
@@ -484,7 +541,9 @@ class FakeUapiServer:
                 if self.mode == "garbage":
                     conn.sendall(b"what=1\n\n")
                 elif data == b"get=1\n\n":
-                    conn.sendall((self.body + "errno=0\n\n").encode())
+                    body = self.after if self.gets and self.after is not None else self.body
+                    self.gets += 1
+                    conn.sendall((body + "errno=0\n\n").encode())
                 else:
                     conn.sendall(f"errno={self.errno}\n\n".encode())
 
@@ -506,21 +565,92 @@ def test_uapi_read(server: FakeUapiServer, tmp_path: Path) -> None:
     assert server.requests == ["get=1\n\n"]
 
 
+def with_tx(body: str, **sent: int) -> str:
+    """``body`` with the tx_bytes of the peers named (k1, k2, k3) replaced."""
+    sections = body.split("public_key=")
+    for name, tx in sent.items():
+        key = {"k1": K1, "k2": K2, "k3": K3}[name].hex()
+        i = next(i for i, section in enumerate(sections) if section.startswith(key))
+        head, _, rest = sections[i].partition("tx_bytes=")
+        sections[i] = f"{head}tx_bytes={tx}\n{rest.partition(chr(10))[2]}"
+    return "public_key=".join(sections)
+
+
 def test_uapi_activate_reads_then_sends_one_set_per_batch(
     server: FakeUapiServer, tmp_path: Path
 ) -> None:
+    """No target holds a session (k1's handshake is years old): all are kicked in
+    place; the second reading shows that every kick sent something."""
+    server.after = with_tx(UAPI_GET, k1=1184 + 148, k2=148, k3=148)
     stranger = bytes(range(32))
     uapi = Uapi("wg0", str(tmp_path), batch_size=2, pause=0.0)
     targets = [(K1, NEW), (stranger, NEW), (K2, NEW), (K3, NEW6)]
     result = uapi.activate(targets)
-    assert (result.known, result.initiated) == (3, 3)
+    assert (result.known, result.initiated, result.cleared) == (3, 3, 0)
     assert result.elapsed >= 0
     iface = parse_uapi("wg0", UAPI_GET)
+    in_place = {K1, K2, K3}
     assert server.requests == [
         "get=1\n\n",
-        uapi_activation(batch_of(iface, (K1, NEW), (K2, NEW))).decode(),
-        uapi_activation(batch_of(iface, (K3, NEW6))).decode(),
+        uapi_activation(batch_of(iface, (K1, NEW), (K2, NEW)), in_place).decode(),
+        uapi_activation(batch_of(iface, (K3, NEW6)), in_place).decode(),
+        "get=1\n\n",
     ]
+
+
+def test_uapi_activate_re_adds_a_kick_that_sent_nothing(
+    server: FakeUapiServer, tmp_path: Path
+) -> None:
+    """k1's tx_bytes did not grow (wireguard-go had sent it a handshake message
+    less than 5 s before and swallowed the kick): it is re-added, with its
+    settings as the second reading shows them. k3 was removed meanwhile: it
+    is not brought back."""
+    after = with_tx(UAPI_GET, k2=148).replace(
+        "persistent_keepalive_interval=25", "persistent_keepalive_interval=9"
+    )
+    k3_start = after.index(f"public_key={K3.hex()}")
+    after = after[:k3_start] + after[after.index(f"public_key={K1.hex()}") :]
+    server.after = after
+    result = Uapi("wg0", str(tmp_path), batch_size=2).activate([(K1, NEW), (K2, NEW), (K3, NEW)])
+    assert (result.known, result.initiated, result.cleared) == (3, 3, 1)
+    (k1_now,) = [p for p in parse_uapi("wg0", after).peers if p.public_key == K1]
+    assert k1_now.persistent_keepalive == 9
+    assert server.requests[3:] == ["get=1\n\n", uapi_activation([(k1_now, NEW)]).decode()]
+
+
+def test_uapi_activate_re_adds_at_once_a_peer_with_a_session_or_no_counter(
+    server: FakeUapiServer, tmp_path: Path
+) -> None:
+    """k1 had a handshake a minute ago and k3 shows no tx_bytes: both are
+    re-added in the first pass; k2 alone is kicked in place and verified."""
+    body = UAPI_GET.replace(
+        "last_handshake_time_sec=1700000000", f"last_handshake_time_sec={int(time.time()) - 60}"
+    )
+    k3_start = body.index(f"public_key={K3.hex()}")
+    k3_end = body.index(f"public_key={K1.hex()}")
+    body = body[:k3_start] + body[k3_start:k3_end].replace("tx_bytes=0\n", "") + body[k3_end:]
+    server.body = body
+    server.after = with_tx(body, k2=148)
+    result = Uapi("wg0", str(tmp_path)).activate([(K1, NEW), (K2, NEW), (K3, NEW)])
+    assert (result.known, result.initiated, result.cleared) == (3, 3, 2)
+    iface = parse_uapi("wg0", body)
+    assert server.requests == [
+        "get=1\n\n",
+        uapi_activation(batch_of(iface, (K1, NEW), (K2, NEW), (K3, NEW)), {K2}).decode(),
+        "get=1\n\n",
+    ]
+
+
+def test_uapi_activate_starts_with_a_short_batch(server: FakeUapiServer, tmp_path: Path) -> None:
+    keys = [bytes([i + 1]) * 32 for i in range(wg.FIRST_BATCH + 3)]
+    server.body = uapi_with("".join(peer_block(k, "tx_bytes=0") for k in keys))
+    server.after = server.body.replace("tx_bytes=0", "tx_bytes=148")
+    result = Uapi("wg0", str(tmp_path), batch_size=wg.FIRST_BATCH + 1).activate(
+        [(k, NEW) for k in keys]
+    )
+    assert (result.known, result.cleared) == (len(keys), 0)
+    sets = [r for r in server.requests if r.startswith("set=1")]
+    assert [r.count("\nendpoint=") for r in sets] == [wg.FIRST_BATCH, 3]
 
 
 def test_uapi_activate_of_no_known_peer_sends_no_set(
@@ -792,9 +922,9 @@ def test_uapi_activate_sends_one_set_at_a_time_building_the_next_meanwhile(
     events: list[str] = []
     real_build, real_send, real_answer = wg.uapi_activation, Uapi._send, Uapi._answer
 
-    def build(batch: wg.Batch) -> bytes:
+    def build(batch: wg.Batch, in_place: Collection[bytes] = ()) -> bytes:
         events.append("build " + ",".join(str([K1, K2, K3].index(p.public_key)) for p, _ in batch))
-        return real_build(batch)
+        return real_build(batch, in_place)
 
     def send(self: Uapi, request: bytes, what: str) -> socket.socket:
         events.append(f"send {what}")
@@ -808,17 +938,20 @@ def test_uapi_activate_sends_one_set_at_a_time_building_the_next_meanwhile(
     monkeypatch.setattr(Uapi, "_send", send)
     monkeypatch.setattr(Uapi, "_answer", answer)
     monkeypatch.setattr(time, "sleep", lambda seconds: events.append(f"pause {seconds}"))
+    server.after = with_tx(UAPI_GET, k1=2000, k3=148)  # k2's kick sent nothing
     uapi = Uapi("wg0", str(tmp_path), batch_size=1, pause=0.25)
     result = uapi.activate([(K1, NEW), (K2, NEW), (K3, NEW6)])
-    assert (result.known, result.initiated) == (3, 3)
+    assert (result.known, result.initiated, result.cleared) == (3, 3, 1)
     assert events == [
         "send get", "answer get",
         "build 0", "send set",
         "build 1", "answer set", "pause 0.25", "send set",
         "build 2", "answer set", "pause 0.25", "send set",
         "answer set",
+        "send get", "answer get",
+        "build 1", "send set", "answer set",
     ]  # fmt: skip
-    assert len(server.requests) == 4
+    assert len(server.requests) == 6
 
 
 def test_uapi_activate_stops_at_a_failed_set(server: FakeUapiServer, tmp_path: Path) -> None:
