@@ -28,6 +28,8 @@ FOREIGN_CHECK_INTERVAL = 15.0
 FOREIGN_LOOKS_PER_SECOND = 2.0
 MAX_CATCH_UP = 10.0
 """Seconds of a stalled loop counted (two main loop ticks): no burst of dumps after."""
+MAX_LOOKS_DUE = 10.0
+"""Looks that may pile up in the credit; the rest of a backlog is dropped."""
 _NONE = PublicFlows(0, 0)
 
 
@@ -61,7 +63,7 @@ class ForeignCheck:
         self._credit = min(
             self._credit
             + min(len(addresses) * elapsed / self._interval, FOREIGN_LOOKS_PER_SECOND * elapsed),
-            MAX_CATCH_UP,
+            MAX_LOOKS_DUE,
         )
         # No lock: a look reads the flows to one address and writes only rt.foreign,
         # and must not hold up probe results and commands while conntrack dumps.
