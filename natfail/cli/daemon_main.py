@@ -138,6 +138,11 @@ def _run_locked(conf: Config) -> int:
             dataplane = IptablesDataplane()
     except (DataplaneError, OSError) as exc:
         raise Refused(f"cannot use {conf.daemon.firewall}: {exc}") from None
+    from natfail.io import other_dataplane
+
+    leftover = other_dataplane.leftovers(conf.daemon.firewall)
+    if leftover is not None:
+        logging.getLogger("natfail").warning("%s", leftover)
     limit = fdlimit.raise_nofile_limit()
     backends = sum(len(s.backends) for s in conf.services)
     if limit < fdlimit.needed(backends):
