@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Final
 
 from natfail.locations import CONFIG_FILE_LIMIT, DEFAULT_SOCKET, UNIX_PATH_MAX
+from natfail.regular_file import Unreadable, read_regular
 from natfail.tomlshim import tomllib
 
 _DAEMON_HEADER: Final = re.compile(r"\[\s*daemon\s*\]\s*(?:#.*)?")
@@ -47,31 +47,16 @@ def daemon_fragment(text: str) -> str | None:
     return "\n".join(kept) if headers <= 1 else None
 
 
-def _read(path: Path) -> str:
-    """A regular file of at most CONFIG_FILE_LIMIT bytes (a FIFO in its place
-    must not hang us): the config package's reading, without its imports."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError("not a regular file")
-        data = os.read(fd, CONFIG_FILE_LIMIT + 1)
-    finally:
-        os.close(fd)
-    if len(data) > CONFIG_FILE_LIMIT:
-        raise OSError("too large")
-    return data.decode("utf-8-sig")
-
-
 def socket_in(path: Path) -> Path | None:
     """``daemon.socket`` of the config file at ``path`` (relative to its
     directory), the default socket when the table does not set it; None when
     the whole file must be read to tell."""
     try:
-        fragment = daemon_fragment(_read(path))
+        fragment = daemon_fragment(read_regular(path, CONFIG_FILE_LIMIT).decode("utf-8-sig"))
         if fragment is None:
             return None
         value = tomllib.loads(fragment).get("socket")
-    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+    except (Unreadable, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return socket_value(value, path)
 
