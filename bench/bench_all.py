@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["probe", "dataplane", "conntrack", "repair", "failover", "nginx"]
+BENCHES = ["probe", "dataplane", "conntrack", "repair", "failover", "nginx", "activation"]
 OPTIONAL = ["hitless"]
 """Run only when named in --only: bench_hitless takes about 25 minutes."""
 

@@ -414,6 +414,76 @@ def hitless(data: dict[str, Any]) -> None:
     save(fig, "hitless.png", data)
 
 
+def activation(data: dict[str, Any]) -> None:
+    sizes = data["sizes"]
+    peers = [r["peers"] for r in sizes]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # (key, style, colour, label, where its figures go: offset and alignment, or None)
+    lines = (
+        ("median_ms", "o-", "#2ca02c", "standby: every peer kicked in place", ((8, -12), "left")),
+        (
+            "again_median_ms",
+            "s-",
+            "#1f77b4",
+            "again at once: every peer re-added",
+            ((-8, 4), "right"),
+        ),
+        (
+            "wireguard_go_kick_only_ms",
+            "^:",
+            "grey",
+            "wireguard-go's floor: the initiations alone",
+            None,
+        ),
+    )
+    highest = 0.0
+    for key, style, colour, label, place in lines:
+        ys = [r.get(key) for r in sizes]
+        if any(y is None for y in ys):
+            continue
+        highest = max(highest, *ys)
+        ax.plot(peers, ys, style, color=colour, label=label)
+        if place is not None:
+            offset, align = place
+            for x, y in zip(peers, ys, strict=True):
+                ax.annotate(
+                    f"{y:g} ms",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=offset,
+                    ha=align,
+                    fontsize=8,
+                    color=colour,
+                )
+    for r in sizes:
+        if r.get("target_ms") is not None:
+            ax.scatter(
+                [r["peers"]],
+                [r["target_ms"]],
+                marker="_",
+                s=400,
+                color="red",
+                zorder=5,
+                label=f"target: {r['peers']} peers in {r['target_ms']:g} ms",
+            )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(peers, [str(n) for n in peers])
+    ax.minorticks_off()
+    ax.set_xlim(peers[0] / 1.6, peers[-1] * 2.2)
+    ax.set_ylim(top=highest * 3)
+    ax.set_xlabel("peers activated (one agent, one wireguard-go interface)")
+    ax.set_ylabel("ms from the call to the last answer (median)")
+    ax.set_title(
+        f"Agent activation on {data.get('wireguard_go', 'wireguard-go')}, "
+        f"{sizes[0]['rounds']} rounds",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left")
+    save(fig, "activation.png", data)
+
+
 def main() -> int:
     plots = [
         ("failover", failover),
@@ -424,6 +494,7 @@ def main() -> int:
         ("soak", soak),
         ("scale", scale),
         ("hitless", hitless),
+        ("activation", activation),
     ]
     wanted = sys.argv[1:]
     failed = 0
